@@ -1,0 +1,47 @@
+"""zojax: zeroth-order gradient estimators and optimizers for JAX and optax."""
+
+from zojax import data
+from zojax import diagnostics
+from zojax import masks
+from zojax import models
+from zojax._src.base import EstimatorState
+from zojax._src.base import ZerothOrderTransform
+from zojax._src.cge import cge
+from zojax._src.conservative import ConservativeState
+from zojax._src.conservative import conservative_selection
+from zojax._src.forward_gradient import forward_gradient
+from zojax._src.optimizers import forward_grad
+from zojax._src.optimizers import zo_adam
+from zojax._src.optimizers import zo_sgd
+from zojax._src.optimizers import zo_sgd_conservative
+from zojax._src.optimizers import zo_sgd_momentum
+from zojax._src.optimizers import zo_sign_sgd
+from zojax._src.rge import rge
+from zojax._src.stats import EstimateInfo
+from zojax._src.stats import EstimateStats
+from zojax._src.stats import estimate_info
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'ConservativeState',
+    'EstimateInfo',
+    'EstimateStats',
+    'EstimatorState',
+    'ZerothOrderTransform',
+    'cge',
+    'conservative_selection',
+    'estimate_info',
+    'forward_grad',
+    'forward_gradient',
+    'data',
+    'diagnostics',
+    'masks',
+    'models',
+    'rge',
+    'zo_adam',
+    'zo_sgd',
+    'zo_sgd_conservative',
+    'zo_sgd_momentum',
+    'zo_sign_sgd',
+)
