@@ -335,8 +335,8 @@ class AcceleratorPathTest(parameterized.TestCase):
 
 
 class RbgKeyTest(absltest.TestCase):
-  """The cheaper 'rbg' PRNG (see README, Speed) gives valid Rademacher signs
-  and an estimator that still converges to the true gradient."""
+  """A typed key of another implementation ('rbg', see README, Speed) works as
+  ``seed``: valid Rademacher signs and an unbiased estimator."""
 
   def test_rbg_signs_are_balanced(self):
     signs = zojax._src.directions.rademacher(

@@ -88,7 +88,7 @@ def train(method: Method, dataset: data_lib.Dataset, *, eval_budget: int,
     steps_per_log = max(1, evals_between_logs // evals_per_step)
   else:
     evals_per_step, total_steps = 1, fo_steps
-    steps_per_log = max(1, fo_steps // 20)
+    steps_per_log = max(1, fo_steps // 200)
   log = dict(method=method.name, evals=[], steps=[], test_accuracy=[],
              seconds=[])
   key = jax.random.PRNGKey(seed + 1)
@@ -158,7 +158,7 @@ def main(argv=None) -> list[dict]:
   for method in methods(args.sigma):
     logs.append(train(method, dataset, eval_budget=args.eval_budget,
                       fo_steps=args.fo_steps, batch=args.batch,
-                      evals_between_logs=args.eval_budget // 25,
+                      evals_between_logs=args.eval_budget // 200,
                       seed=args.seed))
 
   print(f'\n{"method":<26} {"steps":>7} {"evals":>10} {"test acc":>9} '
