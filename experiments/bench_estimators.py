@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import zojax
 from zojax import models
@@ -178,8 +176,8 @@ def main():
           f' ms -> {row["ratio"]:.2f}', flush=True)
     rows.append(row)
 
-  print(f'\n| estimator | evals | batch_size | step (ms) | floor (ms) | '
-        f'floor kind | step / floor |\n|---|---|---|---|---|---|---|')
+  print('\n| estimator | evals | batch_size | step (ms) | floor (ms) | '
+        'floor kind | step / floor |\n|---|---|---|---|---|---|---|')
   for r in rows:
     print(f"| {r['estimator']} | {r['evals']} | {r['batch_size']} | "
           f"{r['step_s']*1e3:.1f} | {r['floor_s']*1e3:.1f} | "

@@ -1,6 +1,5 @@
 """Tests for zojax.diagnostics."""
 
-import jax
 import numpy as np
 
 import zojax
