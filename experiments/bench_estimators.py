@@ -10,10 +10,13 @@ smaller is used:
 * ``scan``: forwards run one after the other at params shifted by a scalar
   (one copy in cache; the cheapest way to run many forwards on a CPU).
 
-A ratio of 1.0 means the estimator adds nothing to the forwards. Every time is
-the minimum over ``--repeats`` runs of the compiled function; the runs of an
-estimator's steps and of its floors are interleaved (round-robin), so that a
-slow phase of a shared machine hits all of them alike.
+A ratio of 1.0 means the estimator adds nothing to the forwards. For
+reference (not used in the ratio) the table also gives ``copies``: the same
+vmapped forwards at params shifted by a scalar, i.e. including the write of the
+perturbed parameter copies that any estimator with per-query weights must
+make. Every time is the minimum over ``--repeats`` runs of the compiled
+function; the runs of an estimator's steps and of its floors are interleaved
+(round-robin), so that a slow phase of a shared machine hits all of them alike.
 
   python experiments/bench_estimators.py                 # CPU/GPU table + JSON
   python experiments/bench_estimators.py --prng rbg      # faster random bits
@@ -77,6 +80,15 @@ def vmap_floor(params, obj_fn, num_evals, chunk):
           (chunk,) + (1,) * x.ndim), params)
   forwards = jax.jit(lambda s: jnp.sum(jax.vmap(obj_fn)(s)))
   return forwards, (stacked,), num_evals / chunk
+
+
+def copies_reference(params, obj_fn, num_evals, chunk):
+  """``num_evals`` vmapped forwards at scalar-shifted params (copies written)."""
+  chunk = min(chunk, num_evals)
+  shifts = 1e-6 * jnp.arange(chunk, dtype=jnp.float32)
+  forwards = jax.jit(lambda p: jax.vmap(
+      lambda s: obj_fn(jax.tree.map(lambda x: x + s, p)))(shifts).sum())
+  return forwards, (params,), num_evals / chunk
 
 
 def scan_floor(params, obj_fn, num_evals, max_scan=129):
@@ -156,6 +168,7 @@ def main():
     for chunk in sorted({min(c, evals - 1) for c in chunks}):
       calls[f'step {chunk}'] = estimator_step(make(chunk), params, obj_fn)
       calls[f'floor vmap{chunk}'] = vmap_floor(params, obj_fn, evals, chunk)
+      calls[f'copies {chunk}'] = copies_reference(params, obj_fn, evals, chunk)
     times = _time_interleaved({k: v[:2] for k, v in calls.items()},
                               args.repeats)
     times = {k: t * calls[k][2] for k, t in times.items()}
@@ -165,11 +178,13 @@ def main():
               if k.startswith('floor')}
     best_chunk = min(steps, key=steps.get)
     floor_kind = min(floors, key=floors.get)
+    copies = min(t for k, t in times.items() if k.startswith('copies'))
     row = dict(estimator=name, evals=evals, batch_size=best_chunk,
                step_s=steps[best_chunk], floor_s=floors[floor_kind],
                floor_kind=floor_kind, floors_s=floors,
                steps_s={str(k): v for k, v in steps.items()},
                ratio=steps[best_chunk] / floors[floor_kind],
+               copies_s=copies, ratio_to_copies=steps[best_chunk] / copies,
                ns_per_param_per_eval=floors[floor_kind] / evals / d * 1e9)
     print(f'  {name:<24} ' + '  '.join(
         f'{k} {t*1e3:.1f}' for k, t in sorted(times.items())) +
@@ -177,11 +192,13 @@ def main():
     rows.append(row)
 
   print('\n| estimator | evals | batch_size | step (ms) | floor (ms) | '
-        'floor kind | step / floor |\n|---|---|---|---|---|---|---|')
+        'floor kind | step / floor | copies (ms) | step / copies |\n'
+        '|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     print(f"| {r['estimator']} | {r['evals']} | {r['batch_size']} | "
-          f"{r['step_s']*1e3:.1f} | {r['floor_s']*1e3:.1f} | "
-          f"{r['floor_kind']} | {r['ratio']:.2f} |")
+          f"{r['step_s']*1e3:.2f} | {r['floor_s']*1e3:.2f} | "
+          f"{r['floor_kind']} | {r['ratio']:.2f} | {r['copies_s']*1e3:.2f} | "
+          f"{r['ratio_to_copies']:.2f} |")
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(dict(params=d, batch=batch, device=device.device_kind, prng=prng,
