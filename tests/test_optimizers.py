@@ -54,6 +54,14 @@ class OptimizerTest(parameterized.TestCase):
     per_step = {'zo_sgd_conservative': 5, 'forward_grad': 1}.get(name, 2)
     self.assertEqual(info.num_evals, 400 * per_step)
 
+  @parameterized.parameters(*ALIASES)
+  def test_uniform_signature(self, name):
+    params, obj_fn = quadratic_problem()
+    tx = getattr(zojax, name)(1e-3, sigma=1e-3, num_queries=2, seed=0)
+    updates, state = tx.update(None, tx.init(params), params, obj_fn=obj_fn)
+    chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
+    self.assertGreater(zojax.estimate_info(state).num_evals, 0)
+
   def test_learning_rate_schedule_is_accepted(self):
     params, obj_fn = quadratic_problem()
     tx = zojax.zo_adam(optax.linear_schedule(0.05, 0.0, 100), sigma=1e-3,

@@ -38,16 +38,19 @@ class RGETest(chex.TestCase, parameterized.TestCase):
     chex.assert_tree_all_finite(update)
     info = zojax.estimate_info(state)
     self.assertEqual(info.num_evals, 6 if difference == 'forward' else 10)
+    self.assertEqual(info['num_evals'], info.num_queries)
     self.assertEqual(info.steps, 1)
     np.testing.assert_allclose(info.value, obj_fn(params), rtol=1e-4)
 
   def test_bfloat16_leaves_keep_their_dtype(self):
     params, obj_fn = quadratic_problem()
     params = {'x': params['x'].astype(jnp.bfloat16), 'layer': params['layer']}
-    tx = zojax.rge(4, 1e-2)
-    update, _ = tx.update(None, tx.init(params), params, obj_fn=obj_fn)
-    chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
-    self.assertEqual(update['x'].dtype, jnp.bfloat16)
+    for tx in (zojax.rge(4, 1e-2), zojax.cge(1e-1, difference='central'),
+               zojax.forward_gradient(2)):
+      update, _ = tx.update(None, tx.init(params), params, obj_fn=obj_fn)
+      chex.assert_trees_all_equal_shapes_and_dtypes(update, params)
+      self.assertEqual(update['x'].dtype, jnp.bfloat16)
+      chex.assert_tree_all_finite(update)
 
   def test_jit_equals_no_jit_and_seed_reproducible(self):
     params, obj_fn = quadratic_problem()
@@ -74,6 +77,17 @@ class RGETest(chex.TestCase, parameterized.TestCase):
     tx = zojax.rge(7, 1e-2, batch_size=batch_size)
     chunked, _ = tx.update(None, tx.init(params), params, obj_fn=obj_fn)
     chex.assert_trees_all_close(reference, chunked, rtol=1e-3, atol=1e-3)
+
+  def test_estimate_info_inside_jit(self):
+    params, obj_fn = quadratic_problem()
+    tx = optax.chain(zojax.rge(3, 1e-3), optax.sgd(0.1))
+
+    @jax.jit
+    def evals_after_step(state):
+      _, state = tx.update(None, state, params, obj_fn=obj_fn)
+      return zojax.estimate_info(state).num_evals
+
+    self.assertEqual(int(evals_after_step(tx.init(params))), 4)
 
   def test_key_is_split_every_step(self):
     params, obj_fn = quadratic_problem()

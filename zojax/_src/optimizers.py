@@ -19,6 +19,7 @@ from typing import Optional
 import jax.numpy as jnp
 import optax
 
+from zojax._src import checks
 from zojax._src.conservative import conservative_selection
 from zojax._src.forward_gradient import forward_gradient
 from zojax._src.perturbable import Mask
@@ -172,6 +173,7 @@ def zo_adam(
 
 def forward_grad(
     learning_rate: optax.ScalarOrSchedule,
+    sigma: float = 1e-3,
     num_queries: int = 1,
     *,
     distribution: str = 'gaussian',
@@ -185,9 +187,12 @@ def forward_grad(
 
   Args:
     learning_rate: :math:`\eta`.
+    sigma: accepted (and checked) so that every ZO-Bench optimizer shares one
+      signature; unused, since the JVP has no finite-difference step.
     num_queries: JVP directions per step.
     distribution, mask, batch_size, seed: as in :func:`zojax.forward_gradient`.
   """
+  checks.validate_sigma(sigma)
   return optax.chain(
       forward_gradient(num_queries, distribution=distribution, mask=mask,
                        batch_size=batch_size, seed=seed),

@@ -50,7 +50,7 @@ class EstimateStats(NamedTuple):
 
 
 class EstimateInfo(NamedTuple):
-  """What :func:`estimate_info` reports (plain Python numbers).
+  """What :func:`estimate_info` reports.
 
   Attributes:
     value: the objective value at the parameters the (first) estimator last
@@ -78,6 +78,12 @@ class EstimateInfo(NamedTuple):
     """Alias of ``num_evals`` (the term ZO papers use)."""
     return self.num_evals
 
+  def __getitem__(self, key):
+    """Fields also by name: ``info['num_evals']``."""
+    if isinstance(key, str):
+      return getattr(self, key)
+    return tuple.__getitem__(self, key)
+
 
 def _is_stats(node: Any) -> bool:
   return isinstance(node, EstimateStats)
@@ -88,7 +94,9 @@ def estimate_info(state: Any) -> EstimateInfo:
 
   Works on the state of a single estimator and on the state of any
   ``optax.chain`` (or other pytree of states) containing zojax transforms.
-  Call it outside ``jit``: it returns Python numbers.
+  On a concrete state it returns Python numbers (exact counts, whatever their
+  size); inside ``jit`` it returns arrays (``num_evals`` then is an int32
+  product, exact below 2**31 evaluations).
 
   Args:
     state: an optimizer state.
@@ -102,6 +110,14 @@ def estimate_info(state: Any) -> EstimateInfo:
     raise ValueError('estimate_info: no zojax estimator state was found in '
                      f'the given state of type {type(state).__name__}.')
   first = found[0]
+  if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(found)):
+    return EstimateInfo(
+        value=first.value,
+        num_evals=sum(s.steps * s.evals_per_step for s in found),
+        skipped_steps=sum(s.skipped_steps for s in found),
+        steps=first.steps,
+        evals_per_step=sum(s.evals_per_step for s in found),
+    )
   return EstimateInfo(
       value=float(first.value),
       num_evals=sum(int(s.steps) * int(s.evals_per_step) for s in found),
