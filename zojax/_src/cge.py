@@ -23,6 +23,8 @@ def cge(
     difference: str = 'forward',
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Coordinate-wise gradient estimator (CGE) as an optax transform.
 
@@ -63,6 +65,9 @@ def cge(
     difference: ``'forward'`` or ``'central'``.
     batch_size: coordinates evaluated at once; ``None`` = all at once.
     seed: int seed or PRNG key (used to sample coordinates).
+    mesh, query_axis: split each step's coordinates over a mesh axis, as in
+      :func:`zojax.rge` (the number of coordinates must be a multiple of the
+      axis size).
 
   Returns:
     A :class:`zojax.ZerothOrderTransform`; its ``update`` needs ``obj_fn``.
@@ -122,7 +127,8 @@ def cge(
   return finite_difference_transform(
       'cge', make_directions=make_directions,
       count_directions=count_directions, sigma=sigma, difference=difference,
-      mask=mask, batch_size=batch_size, seed=seed)
+      mask=mask, batch_size=batch_size, seed=seed,
+      sharding=engine.query_sharding(mesh, query_axis))
 
 
 def _static_active_coordinates(space: Perturbable) -> np.ndarray:

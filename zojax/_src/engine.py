@@ -66,10 +66,46 @@ class Directions(NamedTuple):
     return self.expand(self.make(index))
 
 
+class QuerySharding(NamedTuple):
+  """Split the directions of a step over one axis of a device mesh.
+
+  Every device regenerates its own directions from the shared step key (a
+  direction is a pure function of its index), probes them, and only the
+  accumulated estimate (one ``psum``) and the per-query scalars leave it.
+  """
+
+  mesh: jax.sharding.Mesh
+  axis: str
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.shape[self.axis]
+
+
+def query_sharding(mesh: Optional[jax.sharding.Mesh],
+                   query_axis: Optional[str]) -> Optional[QuerySharding]:
+  """Validates the ``mesh=`` / ``query_axis=`` arguments of an estimator."""
+  if mesh is None:
+    if query_axis is not None:
+      raise ValueError('query_axis was given without a mesh.')
+    return None
+  if query_axis is None:
+    if len(mesh.axis_names) != 1:
+      raise ValueError(
+          f'the mesh has axes {mesh.axis_names}: name the one the queries '
+          'are split over with query_axis=.')
+    query_axis = mesh.axis_names[0]
+  if query_axis not in mesh.axis_names:
+    raise ValueError(f'query_axis {query_axis!r} is not an axis of the mesh '
+                     f'{mesh.axis_names}.')
+  return QuerySharding(mesh, query_axis)
+
+
 def weighted_direction_sum(
     directions: Directions,
     probe: Probe,
     batch_size: int | None,
+    sharding: Optional[QuerySharding] = None,
 ) -> tuple[Direction, Any]:
   r"""Returns :math:`\sum_i c_i d_i` (float32, active leaves) and stacked aux.
 
@@ -77,20 +113,49 @@ def weighted_direction_sum(
     directions: the directions :math:`d_i`, ``i = 0 .. count-1``.
     probe: computes :math:`c_i` (and any auxiliary outputs, e.g. objective
       values) from ``(i, d_i)``; it is ``vmap``-ed over a chunk.
-    batch_size: directions probed at once (the ``vmap`` width); ``None``
-      probes all at once. Memory is bounded by about ``batch_size`` expanded
-      directions and perturbed parameter copies.
+    batch_size: directions probed at once (the ``vmap`` width) on each
+      device; ``None`` probes all (of the device's share) at once. Memory is
+      bounded by about ``batch_size`` expanded directions and perturbed
+      parameter copies.
+    sharding: if given, the directions are split evenly over a mesh axis
+      (``jax.shard_map``); the result equals the unsharded one up to float
+      summation order.
 
   Returns:
     ``(accumulated, aux)``, where ``aux`` has a leading axis of ``count``.
   """
-  count = directions.count
+  indices = jnp.arange(directions.count, dtype=jnp.int32)
+  if sharding is None:
+    return _chunked_sum(directions, probe, batch_size, indices)
+  devices = sharding.num_devices
+  if directions.count % devices:
+    raise ValueError(
+        f'{directions.count} queries per step do not split evenly over the '
+        f'{devices} devices of mesh axis {sharding.axis!r}; use a multiple '
+        f'of {devices}.')
+
+  def on_device(local_indices):
+    accumulated, aux = _chunked_sum(directions, probe, batch_size,
+                                    local_indices)
+    return jax.lax.psum(accumulated, sharding.axis), aux
+
+  spec = jax.sharding.PartitionSpec(sharding.axis)
+  # check_vma=False: the per-device loop carries device-varying accumulators
+  # initialised from replicated zeros; the psum makes the output replicated.
+  return jax.shard_map(
+      on_device, mesh=sharding.mesh, in_specs=spec,
+      out_specs=(jax.sharding.PartitionSpec(), spec), check_vma=False)(indices)
+
+
+def _chunked_sum(directions, probe, batch_size, indices):
+  """:func:`weighted_direction_sum` over the given direction indices."""
+  count = indices.shape[0]
   chunk = count if batch_size is None else min(batch_size, count)
 
-  def run_chunk(accumulated, indices):
-    compact = jax.vmap(directions.make)(indices)
+  def run_chunk(accumulated, chunk_indices):
+    compact = jax.vmap(directions.make)(chunk_indices)
     coefficients, aux = jax.vmap(
-        lambda i, c: probe(i, directions.expand(c)))(indices, compact)
+        lambda i, c: probe(i, directions.expand(c)))(chunk_indices, compact)
     coefficients = coefficients.astype(jnp.float32)
     if directions.accumulate is not None:
       return directions.accumulate(accumulated, coefficients, compact), aux
@@ -99,7 +164,6 @@ def weighted_direction_sum(
         acc + _contract(coefficients, d) for acc, d in zip(accumulated, batch))
     return accumulated, aux
 
-  indices = jnp.arange(count, dtype=jnp.int32)
   accumulated = tuple(
       jnp.zeros(shape, jnp.float32) for shape in directions.space.shapes)
   num_full, remainder = divmod(count, chunk)

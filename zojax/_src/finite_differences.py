@@ -61,6 +61,7 @@ def estimate(
     difference: str,
     batch_size: Optional[int],
     coefficient_map: CoefficientMap = None,
+    sharding: Optional[engine.QuerySharding] = None,
 ) -> tuple[Any, jax.Array, jax.Array]:
   """Runs one finite-difference estimate inside the current trace.
 
@@ -80,7 +81,7 @@ def estimate(
                         coefficient_map), values
 
   accumulated, values = engine.weighted_direction_sum(directions, probe,
-                                                      batch_size)
+                                                      batch_size, sharding)
   finite = jnp.all(jnp.isfinite(values))
   if base is None:
     value = jnp.mean(values)
@@ -134,6 +135,7 @@ def finite_difference_transform(
     batch_size: Optional[int],
     seed,
     coefficient_map: CoefficientMap = None,
+    sharding: Optional[engine.QuerySharding] = None,
 ) -> ZerothOrderTransform:
   """Builds the optax transform (and ask/tell) of a finite-difference estimator.
 
@@ -144,6 +146,8 @@ def finite_difference_transform(
     sigma, difference, mask, batch_size, seed: as in :func:`zojax.rge`.
     coefficient_map: optional map applied to each coefficient ``c_i``
       (e.g. ``jnp.sign`` for ZO-signSGD).
+    sharding: split each step's queries over a mesh axis (``update`` only;
+      ``ask``/``tell`` run where they are called).
   """
   checks.validate_sigma(sigma)
   checks.validate_choice('difference', difference, DIFFERENCES)
@@ -168,7 +172,7 @@ def finite_difference_transform(
     grad, value, finite = estimate(
         obj_fn, params, directions_for(step_key, params), sigma=sigma,
         difference=difference, batch_size=batch_size,
-        coefficient_map=coefficient_map)
+        coefficient_map=coefficient_map, sharding=sharding)
     return grad, EstimatorState(key, state.stats.record(value, finite))
 
   def ask(key, params):

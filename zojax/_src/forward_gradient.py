@@ -23,6 +23,8 @@ def forward_gradient(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Forward-gradient estimator (the backprop-free first-order baseline).
 
@@ -44,6 +46,8 @@ def forward_gradient(
     mask: coordinates to perturb (see :mod:`zojax.masks`).
     batch_size: JVPs evaluated at once; ``None`` = all.
     seed: int seed or PRNG key.
+    mesh, query_axis: split each step's JVPs over a mesh axis, as in
+      :func:`zojax.rge`.
 
   Returns:
     A :class:`zojax.ZerothOrderTransform` needing ``obj_fn`` (no ask/tell:
@@ -58,6 +62,7 @@ def forward_gradient(
                          directions_lib.DISTRIBUTIONS)
   checks.validate_positive_int('batch_size', batch_size, allow_none=True)
   initial_key = key_from_seed(seed)
+  sharding = engine.query_sharding(mesh, query_axis)
 
   def init_fn(params):
     check_params(params)
@@ -78,7 +83,7 @@ def forward_gradient(
       return derivative, jnp.asarray(value, jnp.float32)
 
     accumulated, values = engine.weighted_direction_sum(directions, probe,
-                                                        batch_size)
+                                                        batch_size, sharding)
     finite = jnp.all(jnp.isfinite(values))
     grad = engine.finish_estimate(directions, accumulated, finite)
     return grad, EstimatorState(key, state.stats.record(values[0], finite))

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
 import jax.numpy as jnp
 import optax
 
 from zojax._src import checks
+from zojax._src import engine
 from zojax._src.conservative import conservative_selection
 from zojax._src.forward_gradient import forward_gradient
 from zojax._src.perturbable import Mask
@@ -27,11 +29,12 @@ from zojax._src.rge import random_direction_transform
 
 
 def _two_point(name, sigma, num_queries, distribution, mask, batch_size, seed,
-               coefficient_map=None):
+               mesh, query_axis, coefficient_map=None):
   return random_direction_transform(
       name, num_queries, sigma, distribution=distribution,
       difference='central', mask=mask, batch_size=batch_size, seed=seed,
-      coefficient_map=coefficient_map)
+      coefficient_map=coefficient_map,
+      sharding=engine.query_sharding(mesh, query_axis))
 
 
 def zo_sgd(
@@ -43,6 +46,8 @@ def zo_sgd(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD: :math:`\theta \leftarrow \theta - \eta\hat g`.
 
@@ -50,7 +55,8 @@ def zo_sgd(
     learning_rate: :math:`\eta`, a float or an optax schedule.
     sigma: perturbation size :math:`\epsilon`.
     num_queries: directions :math:`q` per step (``2q`` evaluations).
-    distribution, mask, batch_size, seed: as in :func:`zojax.rge`.
+    distribution, mask, batch_size, seed, mesh, query_axis: as in
+      :func:`zojax.rge`.
 
   References:
     Ghadimi & Lan, 2013; Malladi et al., MeZO, 2023; Zhang et al., ZO-Bench,
@@ -58,7 +64,7 @@ def zo_sgd(
   """
   return optax.chain(
       _two_point('zo_sgd', sigma, num_queries, distribution, mask, batch_size,
-                 seed),
+                 seed, mesh, query_axis),
       optax.sgd(learning_rate))
 
 
@@ -72,6 +78,8 @@ def zo_sgd_momentum(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD with heavy-ball momentum (PyTorch's rule, ``optax.sgd``):
   :math:`m \leftarrow \mu m + \hat g`, :math:`\theta \leftarrow \theta - \eta m`.
@@ -80,11 +88,12 @@ def zo_sgd_momentum(
     learning_rate: :math:`\eta`.
     sigma, num_queries: as in :func:`zo_sgd`.
     momentum: :math:`\mu` (0.9, as in ZO-Bench).
-    distribution, mask, batch_size, seed: as in :func:`zojax.rge`.
+    distribution, mask, batch_size, seed, mesh, query_axis: as in
+      :func:`zojax.rge`.
   """
   return optax.chain(
       _two_point('zo_sgd_momentum', sigma, num_queries, distribution, mask,
-                 batch_size, seed),
+                 batch_size, seed, mesh, query_axis),
       optax.sgd(learning_rate, momentum=momentum))
 
 
@@ -97,6 +106,8 @@ def zo_sign_sgd(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD-Sign with ZO-Bench's rule: the sign of each *scalar* difference.
 
@@ -111,7 +122,7 @@ def zo_sign_sgd(
   """
   return optax.chain(
       _two_point('zo_sign_sgd', sigma, num_queries, distribution, mask,
-                 batch_size, seed, coefficient_map=jnp.sign),
+                 batch_size, seed, mesh, query_axis, coefficient_map=jnp.sign),
       optax.sgd(learning_rate))
 
 
@@ -124,6 +135,8 @@ def zo_sgd_conservative(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD-Cons: ZO-SGD that keeps the best of :math:`\theta`,
   :math:`\theta - \eta\hat g` and :math:`\theta + \eta\hat g`.
@@ -137,7 +150,7 @@ def zo_sgd_conservative(
   """
   return optax.chain(
       _two_point('zo_sgd_conservative', sigma, num_queries, distribution, mask,
-                 batch_size, seed),
+                 batch_size, seed, mesh, query_axis),
       optax.sgd(learning_rate),
       conservative_selection())
 
@@ -154,20 +167,23 @@ def zo_adam(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-Adam: Adam (``optax.adam``) on the two-point estimate :math:`\hat g`.
 
   Args:
     learning_rate, sigma, num_queries: as in :func:`zo_sgd`.
     b1, b2, eps: Adam's hyperparameters (PyTorch/optax defaults).
-    distribution, mask, batch_size, seed: as in :func:`zojax.rge`.
+    distribution, mask, batch_size, seed, mesh, query_axis: as in
+      :func:`zojax.rge`.
 
   References:
     Chen et al., ZO-AdaMM, NeurIPS 2019; Zhang et al., ZO-Bench, 2024.
   """
   return optax.chain(
       _two_point('zo_adam', sigma, num_queries, distribution, mask, batch_size,
-                 seed),
+                 seed, mesh, query_axis),
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
@@ -180,6 +196,8 @@ def forward_grad(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Forward-gradient SGD: :math:`\theta \leftarrow \theta - \eta
   (\nabla L^\top v) v` with :math:`v \sim N(0, I)` and the directional
@@ -190,10 +208,12 @@ def forward_grad(
     sigma: accepted (and checked) so that every ZO-Bench optimizer shares one
       signature; unused, since the JVP has no finite-difference step.
     num_queries: JVP directions per step.
-    distribution, mask, batch_size, seed: as in :func:`zojax.forward_gradient`.
+    distribution, mask, batch_size, seed, mesh, query_axis: as in
+      :func:`zojax.forward_gradient`.
   """
   checks.validate_sigma(sigma)
   return optax.chain(
       forward_gradient(num_queries, distribution=distribution, mask=mask,
-                       batch_size=batch_size, seed=seed),
+                       batch_size=batch_size, seed=seed, mesh=mesh,
+                       query_axis=query_axis),
       optax.sgd(learning_rate))

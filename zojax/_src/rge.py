@@ -25,6 +25,8 @@ def rge(
     mask: Mask = None,
     batch_size: Optional[int] = None,
     seed=0,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    query_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Randomized gradient estimator (RGE) as an optax transform.
 
@@ -84,6 +86,13 @@ def rge(
       Unperturbed coordinates get a zero update.
     batch_size: directions evaluated at once (``vmap`` chunk); ``None`` = all.
     seed: int seed or PRNG key; the key is split every step.
+    mesh: optional device mesh: each step's queries are split over its axis
+      ``query_axis`` with ``jax.shard_map``; every device regenerates its own
+      directions from the shared key and only the summed estimate (one
+      ``psum``) and per-query values cross devices. Same seed, same estimate
+      on 1 or N devices (up to float summation order). ``num_queries`` must be
+      a multiple of the axis size.
+    query_axis: the mesh axis for queries (may be omitted for a 1-D mesh).
 
   Returns:
     A :class:`zojax.ZerothOrderTransform` (an
@@ -97,7 +106,8 @@ def rge(
   """
   return random_direction_transform(
       'rge', num_queries, sigma, distribution=distribution,
-      difference=difference, mask=mask, batch_size=batch_size, seed=seed)
+      difference=difference, mask=mask, batch_size=batch_size, seed=seed,
+      sharding=engine.query_sharding(mesh, query_axis))
 
 
 def random_direction_transform(
@@ -111,6 +121,7 @@ def random_direction_transform(
     batch_size: Optional[int],
     seed,
     coefficient_map: CoefficientMap = None,
+    sharding: Optional[engine.QuerySharding] = None,
 ) -> ZerothOrderTransform:
   """:func:`rge` with an optional map on each finite difference (internal)."""
   checks.validate_positive_int('num_queries', num_queries)
@@ -124,7 +135,7 @@ def random_direction_transform(
       name, make_directions=make_directions,
       count_directions=lambda space: num_queries, sigma=sigma,
       difference=difference, mask=mask, batch_size=batch_size, seed=seed,
-      coefficient_map=coefficient_map)
+      coefficient_map=coefficient_map, sharding=sharding)
 
 
 def random_directions(step_key: jax.Array, space: Perturbable,
