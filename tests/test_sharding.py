@@ -86,6 +86,14 @@ class QueryShardingTest(parameterized.TestCase):
                           params, obj_fn)
     chex.assert_trees_all_close(update, reference, rtol=1e-4, atol=1e-4)
 
+  def test_make_mesh_with_explicit_axes(self):
+    # jax.make_mesh gives Explicit axis types on recent JAX versions.
+    params, obj_fn = quadratic_problem()
+    mesh = jax.make_mesh((8,), ('q',))
+    reference, _ = _estimate(zojax.rge(16, 1e-2), params, obj_fn)
+    update, _ = _estimate(zojax.rge(16, 1e-2, mesh=mesh), params, obj_fn)
+    chex.assert_trees_all_close(update, reference, rtol=1e-4, atol=1e-4)
+
   def test_errors(self):
     params, obj_fn = quadratic_problem()
     mesh_2d = jax.sharding.Mesh(np.array(jax.devices()).reshape(4, 2),

@@ -124,8 +124,8 @@ def weighted_direction_sum(
   Returns:
     ``(accumulated, aux)``, where ``aux`` has a leading axis of ``count``.
   """
-  indices = jnp.arange(directions.count, dtype=jnp.int32)
   if sharding is None:
+    indices = jnp.arange(directions.count, dtype=jnp.int32)
     return _chunked_sum(directions, probe, batch_size, indices)
   devices = sharding.num_devices
   if directions.count % devices:
@@ -134,17 +134,25 @@ def weighted_direction_sum(
         f'{devices} devices of mesh axis {sharding.axis!r}; use a multiple '
         f'of {devices}.')
 
-  def on_device(local_indices):
+  per_device = directions.count // devices
+
+  def on_device():
+    # The device's share of indices is derived from its position on the axis,
+    # so nothing but the closed-over replicated inputs enters the map (this
+    # works for meshes of both Auto and Explicit axis types).
+    first = jax.lax.axis_index(sharding.axis) * per_device
+    local_indices = first + jnp.arange(per_device, dtype=jnp.int32)
     accumulated, aux = _chunked_sum(directions, probe, batch_size,
                                     local_indices)
     return jax.lax.psum(accumulated, sharding.axis), aux
 
-  spec = jax.sharding.PartitionSpec(sharding.axis)
   # check_vma=False: the per-device loop carries device-varying accumulators
   # initialised from replicated zeros; the psum makes the output replicated.
   return jax.shard_map(
-      on_device, mesh=sharding.mesh, in_specs=spec,
-      out_specs=(jax.sharding.PartitionSpec(), spec), check_vma=False)(indices)
+      on_device, mesh=sharding.mesh, in_specs=(),
+      out_specs=(jax.sharding.PartitionSpec(),
+                 jax.sharding.PartitionSpec(sharding.axis)),
+      check_vma=False)()
 
 
 def _chunked_sum(directions, probe, batch_size, indices):
