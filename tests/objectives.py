@@ -1,7 +1,9 @@
-"""Shared test objectives with known gradients."""
+"""Shared test objectives with known gradients, and a jitted training loop."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def quadratic_problem(seed: int = 0, dim: int = 6):
@@ -24,3 +26,17 @@ def quadratic_problem(seed: int = 0, dim: int = 6):
     return 0.5 * x @ a @ x + b @ x + jnp.sum(c * y**2) + 0.3 * jnp.sum(y)
 
   return params, obj_fn
+
+
+def run_steps(tx, params, obj_fn, steps):
+  """``steps`` jitted updates of ``tx`` on ``obj_fn``; returns params, state."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(None, s, p, obj_fn=obj_fn)
+    return optax.apply_updates(p, updates), s
+
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state

@@ -8,23 +8,10 @@ import optax
 from absl.testing import parameterized
 
 import zojax
-from tests.objectives import quadratic_problem
+from tests.objectives import quadratic_problem, run_steps
 
 ALIASES = ('zo_sgd', 'zo_sgd_momentum', 'zo_sign_sgd', 'zo_sgd_conservative',
            'zo_adam', 'forward_grad')
-
-
-def _run(tx, params, obj_fn, steps):
-  state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    u, s = tx.update(None, s, p, obj_fn=obj_fn)
-    return optax.apply_updates(p, u), s
-
-  for _ in range(steps):
-    params, state = step(params, state)
-  return params, state
 
 
 def _explicit_two_point(params, obj_fn, state, sigma=1e-3):
@@ -47,7 +34,7 @@ class OptimizerTest(parameterized.TestCase):
     learning_rate = 0.05 if name == 'zo_adam' else 0.002 if (
         name == 'zo_sgd_momentum') else 0.01
     tx = getattr(zojax, name)(learning_rate, seed=3)
-    final, state = _run(tx, params, obj_fn, 400)
+    final, state = run_steps(tx, params, obj_fn, 400)
     chex.assert_trees_all_equal_shapes_and_dtypes(final, params)
     self.assertLess(float(obj_fn(final)), float(obj_fn(params)) - 2.0)
     info = zojax.estimate_info(state)
@@ -66,7 +53,7 @@ class OptimizerTest(parameterized.TestCase):
     params, obj_fn = quadratic_problem()
     tx = zojax.zo_adam(optax.linear_schedule(0.05, 0.0, 100), sigma=1e-3,
                        seed=0)
-    final, _ = _run(tx, params, obj_fn, 100)
+    final, _ = run_steps(tx, params, obj_fn, 100)
     self.assertLess(float(obj_fn(final)), float(obj_fn(params)))
 
   def test_zo_sgd_is_minus_lr_g_z(self):
@@ -120,7 +107,7 @@ class OptimizerTest(parameterized.TestCase):
       moves += int(any(bool(jnp.any(x != 0)) for x in jax.tree.leaves(u)))
     self.assertTrue(all(b <= a + 1e-5 for a, b in zip(losses, losses[1:])))
     self.assertGreater(moves, 5)
-    plain, _ = _run(zojax.zo_sgd(0.08, seed=1), params, obj_fn, 50)
+    plain, _ = run_steps(zojax.zo_sgd(0.08, seed=1), params, obj_fn, 50)
     self.assertGreater(float(obj_fn(plain)), losses[-1])
     self.assertEqual(zojax.estimate_info(state).num_evals, 50 * 5)
 

@@ -14,7 +14,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 import zojax
-from tests.objectives import quadratic_problem
+from tests.objectives import quadratic_problem, run_steps
 
 
 def _step(tx, state, params, obj_fn):
@@ -276,16 +276,7 @@ class RGETest(chex.TestCase, parameterized.TestCase):
     params, obj_fn = quadratic_problem()
     tx = optax.chain(zojax.rge(16, 1e-3, difference='central'),
                      optax.sgd(optax.exponential_decay(0.05, 100, 0.5)))
-    state = tx.init(params)
-
-    @jax.jit
-    def step(p, s):
-      u, s = tx.update(None, s, p, obj_fn=obj_fn)
-      return optax.apply_updates(p, u), s
-
-    p = params
-    for _ in range(200):
-      p, state = step(p, state)
+    p, _ = run_steps(tx, params, obj_fn, 200)
     self.assertLess(float(obj_fn(p)), float(obj_fn(params)) - 1.0)
 
   def test_errors(self):

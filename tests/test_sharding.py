@@ -8,11 +8,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl.testing import parameterized
 
 import zojax
-from tests.objectives import quadratic_problem
+from tests.objectives import quadratic_problem, run_steps
 
 DEVICE_COUNTS = (1, 2, 4, 8)
 
@@ -62,17 +61,7 @@ class QueryShardingTest(parameterized.TestCase):
 
     def run(**kw):
       tx = zojax.zo_adam(0.05, num_queries=8, seed=4, **kw)
-      state = tx.init(params)
-
-      @jax.jit
-      def step(p, s):
-        u, s = tx.update(None, s, p, obj_fn=obj_fn)
-        return optax.apply_updates(p, u), s
-
-      p = params
-      for _ in range(20):
-        p, state = step(p, state)
-      return p
+      return run_steps(tx, params, obj_fn, 20)[0]
 
     chex.assert_trees_all_close(run(mesh=_mesh(8)), run(), rtol=1e-3,
                                 atol=1e-3)
