@@ -153,7 +153,7 @@ def _sample_coordinates(key: jax.Array, space: Perturbable,
                         num_coords: int) -> jax.Array:
   """``num_coords`` distinct flat indices, uniform among masked-in ones."""
   scores = jax.random.uniform(key, (sum(space.sizes),))
-  if space.has_dynamic_mask:
+  if space.has_elementwise_mask:
     masked_in = jnp.concatenate(
         [jnp.broadcast_to(jnp.asarray(m), shape).reshape(-1)
          for m, shape in zip(space.masks, space.shapes)])

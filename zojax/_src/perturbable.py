@@ -129,7 +129,8 @@ class Perturbable:
     return tuple(math.prod(s) for s in self.shapes)
 
   @property
-  def has_dynamic_mask(self) -> bool:
+  def has_elementwise_mask(self) -> bool:
+    """Whether some active leaf is only partly perturbed (a bool array)."""
     return any(m is not True for m in self.masks)
 
   def num_coordinates(self) -> int | jax.Array:
