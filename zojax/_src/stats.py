@@ -111,17 +111,13 @@ def estimate_info(state: Any) -> EstimateInfo:
                      f'the given state of type {type(state).__name__}.')
   first = found[0]
   if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(found)):
-    return EstimateInfo(
-        value=first.value,
-        num_evals=sum(s.steps * s.evals_per_step for s in found),
-        skipped_steps=sum(s.skipped_steps for s in found),
-        steps=first.steps,
-        evals_per_step=sum(s.evals_per_step for s in found),
-    )
+    as_int = as_float = lambda x: x  # inside jit: keep the arrays
+  else:
+    as_int, as_float = int, float  # exact Python numbers
   return EstimateInfo(
-      value=float(first.value),
-      num_evals=sum(int(s.steps) * int(s.evals_per_step) for s in found),
-      skipped_steps=sum(int(s.skipped_steps) for s in found),
-      steps=int(first.steps),
-      evals_per_step=sum(int(s.evals_per_step) for s in found),
+      value=as_float(first.value),
+      num_evals=sum(as_int(s.steps) * as_int(s.evals_per_step) for s in found),
+      skipped_steps=sum(as_int(s.skipped_steps) for s in found),
+      steps=as_int(first.steps),
+      evals_per_step=sum(as_int(s.evals_per_step) for s in found),
   )
