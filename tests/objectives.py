@@ -28,13 +28,39 @@ def quadratic_problem(seed: int = 0, dim: int = 6):
   return params, obj_fn
 
 
-def run_steps(tx, params, obj_fn, steps):
-  """``steps`` jitted updates of ``tx`` on ``obj_fn``; returns params, state."""
+def least_squares_problem(seed: int = 0, examples: int = 16):
+  """Params shaped like :func:`quadratic_problem`'s, a batch and
+  ``loss(params, batch)``, a mean over examples.
+
+  loss(θ, (X, t)) = mean_n (X_n·[x, vec(y)] − t_n)², so the loss on the whole
+  batch equals the mean of the losses on equal shards of it.
+  """
+  rng = np.random.default_rng(seed)
+  batch = (jnp.asarray(rng.normal(size=(examples, 12)), jnp.float32),
+           jnp.asarray(rng.normal(size=examples), jnp.float32))
+  params = {
+      'x': jnp.asarray(rng.normal(size=6), jnp.float32),
+      'layer': {'y': jnp.asarray(rng.normal(size=(2, 3)), jnp.float32)},
+  }
+
+  def loss(p, data):
+    inputs, targets = data
+    theta = jnp.concatenate([p['x'], p['layer']['y'].reshape(-1)])
+    return jnp.mean((inputs @ theta - targets) ** 2)
+
+  return params, batch, loss
+
+
+def run_steps(tx, params, obj_fn, steps, **update_args):
+  """``steps`` jitted updates of ``tx`` on ``obj_fn``; returns params, state.
+
+  ``update_args`` (e.g. ``batch=``) are passed to every ``tx.update``.
+  """
   state = tx.init(params)
 
   @jax.jit
   def step(p, s):
-    updates, s = tx.update(None, s, p, obj_fn=obj_fn)
+    updates, s = tx.update(None, s, p, obj_fn=obj_fn, **update_args)
     return optax.apply_updates(p, updates), s
 
   for _ in range(steps):

@@ -4,6 +4,7 @@ from zojax import data
 from zojax import diagnostics
 from zojax import masks
 from zojax import models
+from zojax import parallel
 from zojax._src.base import EstimatorState
 from zojax._src.base import ZerothOrderTransform
 from zojax._src.cge import cge
@@ -38,6 +39,7 @@ __all__ = (
     'diagnostics',
     'masks',
     'models',
+    'parallel',
     'rge',
     'zo_adam',
     'zo_sgd',

@@ -10,6 +10,7 @@ import numpy as np
 
 from zojax._src import checks
 from zojax._src import engine
+from zojax._src import parallel
 from zojax._src.base import ZerothOrderTransform
 from zojax._src.finite_differences import finite_difference_transform
 from zojax._src.perturbable import Mask, Perturbable
@@ -25,6 +26,7 @@ def cge(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Coordinate-wise gradient estimator (CGE) as an optax transform.
 
@@ -65,9 +67,9 @@ def cge(
     difference: ``'forward'`` or ``'central'``.
     batch_size: coordinates evaluated at once; ``None`` = all at once.
     seed: int seed or PRNG key (used to sample coordinates).
-    mesh, query_axis: split each step's coordinates over a mesh axis, as in
-      :func:`zojax.rge` (the number of coordinates must be a multiple of the
-      axis size).
+    mesh, query_axis, data_axis: split each step's coordinates and/or the
+      batch over mesh axes, as in :func:`zojax.rge` (the number of
+      coordinates must be a multiple of the query axis size).
 
   Returns:
     A :class:`zojax.ZerothOrderTransform`; its ``update`` needs ``obj_fn``.
@@ -128,7 +130,7 @@ def cge(
       'cge', make_directions=make_directions,
       count_directions=count_directions, sigma=sigma, difference=difference,
       mask=mask, batch_size=batch_size, seed=seed,
-      sharding=engine.query_sharding(mesh, query_axis))
+      plan=parallel.parallelism(mesh, query_axis, data_axis))
 
 
 def _static_active_coordinates(space: Perturbable) -> np.ndarray:

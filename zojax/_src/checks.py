@@ -8,6 +8,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from zojax._src import parallel
+
 
 def check_scalar_objective(obj_fn: Callable[[Any], jax.Array], params) -> None:
   """Raises a clear error unless ``obj_fn(params)`` is a real scalar."""
@@ -42,6 +44,17 @@ def validate_sigma(sigma) -> None:
 def validate_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f'{name} must be one of {choices}, got {value!r}.')
+
+
+def check_update_args(name: str, params, obj_fn, batch, plan) -> None:
+  """The checks of an estimator's ``update``: arguments present, the batch
+  splittable over the data axis, ``obj_fn`` returning a real scalar."""
+  require_update_args(name, params, obj_fn)
+  parallel.check_batch(batch, plan)
+  if batch is None:
+    check_scalar_objective(obj_fn, params)
+  else:
+    check_scalar_objective(lambda p: obj_fn(p, batch), params)
 
 
 def require_update_args(name: str, params, obj_fn) -> None:

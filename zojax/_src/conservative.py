@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from zojax._src import checks
+from zojax._src import parallel
 from zojax._src.stats import EstimateStats
 
 EVALS_PER_STEP = 3
@@ -18,7 +19,11 @@ class ConservativeState(NamedTuple):
   stats: EstimateStats
 
 
-def conservative_selection() -> optax.GradientTransformationExtraArgs:
+def conservative_selection(
+    *,
+    mesh: Optional[jax.sharding.Mesh] = None,
+    data_axis: Optional[str] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""Rejects an update that does not decrease the objective.
 
   Given the incoming update :math:`u` (e.g. :math:`-\eta\hat g` from
@@ -35,7 +40,13 @@ def conservative_selection() -> optax.GradientTransformationExtraArgs:
   also evaluates :math:`f(\theta)` separately, and so does this transform:
   ``estimate_info`` counts all 3. Non-finite values count as :math:`+\infty`;
   if all three are non-finite the update is zero and the step is counted in
-  ``skipped_steps``. Needs the extra argument ``obj_fn``.
+  ``skipped_steps``. Needs the extra argument ``obj_fn`` (and ``batch`` with
+  ``obj_fn(params, batch)``, as for :func:`zojax.rge`).
+
+  Args:
+    mesh, data_axis: split the batch over this mesh axis (data parallelism,
+      as in :func:`zojax.rge`); without them the three evaluations run where
+      the step runs.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
@@ -45,23 +56,32 @@ def conservative_selection() -> optax.GradientTransformationExtraArgs:
     LLM Fine-Tuning: A Benchmark (ZO-Bench), ICML 2024.
   """
 
+  plan = None if data_axis is None else parallel.parallelism(
+      mesh, data_axis=data_axis)
+
   def init_fn(params):
     del params
     return ConservativeState(EstimateStats.create(EVALS_PER_STEP))
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, obj_fn=None, batch=None,
+                **extra_args):
     del extra_args
-    checks.require_update_args('conservative_selection', params, obj_fn)
-    checks.check_scalar_objective(obj_fn, params)
+    checks.check_update_args('conservative_selection', params, obj_fn, batch,
+                             plan)
     signs = jnp.asarray([0.0, 1.0, -1.0], jnp.float32)
 
-    def value_at(sign):
-      candidate = jax.tree.map(
-          lambda p, u: (p + sign * u).astype(jnp.result_type(p)), params,
-          updates)
-      return jnp.asarray(obj_fn(candidate), jnp.float32)
+    def step(local_batch, params, updates):
+      objective = parallel.bind_objective(obj_fn, local_batch, plan)
 
-    values = jax.vmap(value_at)(signs)
+      def value_at(sign):
+        candidate = jax.tree.map(
+            lambda p, u: (p + sign * u).astype(jnp.result_type(p)), params,
+            updates)
+        return objective(candidate)
+
+      return jax.vmap(value_at)(signs)
+
+    values = parallel.run(plan, step, batch, params, updates)
     finite = jnp.isfinite(values)
     l0, l1, l2 = jnp.where(finite, values, jnp.inf)
     take_update = (l1 <= l0) & (l1 < l2)

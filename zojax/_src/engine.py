@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from zojax._src import backend
+from zojax._src import parallel
 from zojax._src.perturbable import Perturbable
 
 Direction = tuple[jax.Array, ...]
@@ -66,46 +67,11 @@ class Directions(NamedTuple):
     return self.expand(self.make(index))
 
 
-class QuerySharding(NamedTuple):
-  """Split the directions of a step over one axis of a device mesh.
-
-  Every device regenerates its own directions from the shared step key (a
-  direction is a pure function of its index), probes them, and only the
-  accumulated estimate (one ``psum``) and the per-query scalars leave it.
-  """
-
-  mesh: jax.sharding.Mesh
-  axis: str
-
-  @property
-  def num_devices(self) -> int:
-    return self.mesh.shape[self.axis]
-
-
-def query_sharding(mesh: Optional[jax.sharding.Mesh],
-                   query_axis: Optional[str]) -> Optional[QuerySharding]:
-  """Validates the ``mesh=`` / ``query_axis=`` arguments of an estimator."""
-  if mesh is None:
-    if query_axis is not None:
-      raise ValueError('query_axis was given without a mesh.')
-    return None
-  if query_axis is None:
-    if len(mesh.axis_names) != 1:
-      raise ValueError(
-          f'the mesh has axes {mesh.axis_names}: name the one the queries '
-          'are split over with query_axis=.')
-    query_axis = mesh.axis_names[0]
-  if query_axis not in mesh.axis_names:
-    raise ValueError(f'query_axis {query_axis!r} is not an axis of the mesh '
-                     f'{mesh.axis_names}.')
-  return QuerySharding(mesh, query_axis)
-
-
 def weighted_direction_sum(
     directions: Directions,
     probe: Probe,
     batch_size: int | None,
-    sharding: Optional[QuerySharding] = None,
+    plan: Optional[parallel.Parallelism] = None,
 ) -> tuple[Direction, Any]:
   r"""Returns :math:`\sum_i c_i d_i` (float32, active leaves) and stacked aux.
 
@@ -117,42 +83,17 @@ def weighted_direction_sum(
       device; ``None`` probes all (of the device's share) at once. Memory is
       bounded by about ``batch_size`` expanded directions and perturbed
       parameter copies.
-    sharding: if given, the directions are split evenly over a mesh axis
-      (``jax.shard_map``); the result equals the unsharded one up to float
-      summation order.
+    plan: with a query axis, this runs inside :func:`zojax.parallel` 's
+      ``run`` and each device probes its share of the directions; the sum
+      and the aux are then combined over the axis (equal to the unsharded
+      result up to float summation order).
 
   Returns:
     ``(accumulated, aux)``, where ``aux`` has a leading axis of ``count``.
   """
-  if sharding is None:
-    indices = jnp.arange(directions.count, dtype=jnp.int32)
-    return _chunked_sum(directions, probe, batch_size, indices)
-  devices = sharding.num_devices
-  if directions.count % devices:
-    raise ValueError(
-        f'{directions.count} queries per step do not split evenly over the '
-        f'{devices} devices of mesh axis {sharding.axis!r}; use a multiple '
-        f'of {devices}.')
-
-  per_device = directions.count // devices
-
-  def on_device():
-    # The device's share of indices is derived from its position on the axis,
-    # so nothing but the closed-over replicated inputs enters the map (this
-    # works for meshes of both Auto and Explicit axis types).
-    first = jax.lax.axis_index(sharding.axis) * per_device
-    local_indices = first + jnp.arange(per_device, dtype=jnp.int32)
-    accumulated, aux = _chunked_sum(directions, probe, batch_size,
-                                    local_indices)
-    return jax.lax.psum(accumulated, sharding.axis), aux
-
-  # check_vma=False: the per-device loop carries device-varying accumulators
-  # initialised from replicated zeros; the psum makes the output replicated.
-  return jax.shard_map(
-      on_device, mesh=sharding.mesh, in_specs=(),
-      out_specs=(jax.sharding.PartitionSpec(),
-                 jax.sharding.PartitionSpec(sharding.axis)),
-      check_vma=False)()
+  indices = parallel.local_query_indices(directions.count, plan)
+  accumulated, aux = _chunked_sum(directions, probe, batch_size, indices)
+  return parallel.gather_queries(accumulated, aux, plan)
 
 
 def _chunked_sum(directions, probe, batch_size, indices):

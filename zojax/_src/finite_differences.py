@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from zojax._src import checks
 from zojax._src import engine
+from zojax._src import parallel
 from zojax._src.base import EstimatorState, ZerothOrderTransform, key_from_seed
 from zojax._src.perturbable import Mask, Perturbable, check_params
 from zojax._src.stats import EstimateStats
@@ -48,12 +49,8 @@ def _coefficient(difference, sigma, values, base, coefficient_map):
   return c if coefficient_map is None else coefficient_map(c)
 
 
-def _value(obj_fn, params) -> jax.Array:
-  return jnp.asarray(obj_fn(params), jnp.float32)
-
-
 def estimate(
-    obj_fn: Callable[[Any], jax.Array],
+    objective: Callable[[Any], jax.Array],
     params: Any,
     directions: engine.Directions,
     *,
@@ -61,9 +58,13 @@ def estimate(
     difference: str,
     batch_size: Optional[int],
     coefficient_map: CoefficientMap = None,
-    sharding: Optional[engine.QuerySharding] = None,
+    plan: Optional[parallel.Parallelism] = None,
 ) -> tuple[Any, jax.Array, jax.Array]:
   """Runs one finite-difference estimate inside the current trace.
+
+  ``objective`` maps params to a float32 scalar (see
+  ``parallel.bind_objective``); with a ``plan`` this runs inside
+  ``parallel.run``.
 
   Returns:
     ``(estimate, value, finite)``: the params-shaped estimate, the objective
@@ -71,17 +72,16 @@ def estimate(
   """
   space = directions.space
   steps = _steps(difference, sigma)
-  base = _value(obj_fn, params) if difference == 'forward' else None
+  base = objective(params) if difference == 'forward' else None
 
   def probe(index, direction):
     del index
-    values = jax.vmap(
-        lambda s: _value(obj_fn, space.shifted(direction, s)))(steps)
+    values = jax.vmap(lambda s: objective(space.shifted(direction, s)))(steps)
     return _coefficient(difference, sigma, values, base,
                         coefficient_map), values
 
   accumulated, values = engine.weighted_direction_sum(directions, probe,
-                                                      batch_size, sharding)
+                                                      batch_size, plan)
   finite = jnp.all(jnp.isfinite(values))
   if base is None:
     value = jnp.mean(values)
@@ -135,7 +135,7 @@ def finite_difference_transform(
     batch_size: Optional[int],
     seed,
     coefficient_map: CoefficientMap = None,
-    sharding: Optional[engine.QuerySharding] = None,
+    plan: Optional[parallel.Parallelism] = None,
 ) -> ZerothOrderTransform:
   """Builds the optax transform (and ask/tell) of a finite-difference estimator.
 
@@ -146,8 +146,8 @@ def finite_difference_transform(
     sigma, difference, mask, batch_size, seed: as in :func:`zojax.rge`.
     coefficient_map: optional map applied to each coefficient ``c_i``
       (e.g. ``jnp.sign`` for ZO-signSGD).
-    sharding: split each step's queries over a mesh axis (``update`` only;
-      ``ask``/``tell`` run where they are called).
+    plan: split each step's queries and/or batch over mesh axes (``update``
+      only; ``ask``/``tell`` run where they are called).
   """
   checks.validate_sigma(sigma)
   checks.validate_choice('difference', difference, DIFFERENCES)
@@ -164,15 +164,20 @@ def finite_difference_transform(
         key=initial_key,
         stats=EstimateStats.create(evals_per_step(difference, count)))
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, obj_fn=None, batch=None,
+                **extra_args):
     del updates, extra_args  # the estimate replaces any incoming updates
-    checks.require_update_args(name, params, obj_fn)
-    checks.check_scalar_objective(obj_fn, params)
+    checks.check_update_args(name, params, obj_fn, batch, plan)
     key, step_key = jax.random.split(state.key)
-    grad, value, finite = estimate(
-        obj_fn, params, directions_for(step_key, params), sigma=sigma,
-        difference=difference, batch_size=batch_size,
-        coefficient_map=coefficient_map, sharding=sharding)
+
+    def step(local_batch, params, step_key):
+      return estimate(
+          parallel.bind_objective(obj_fn, local_batch, plan), params,
+          directions_for(step_key, params), sigma=sigma,
+          difference=difference, batch_size=batch_size,
+          coefficient_map=coefficient_map, plan=plan)
+
+    grad, value, finite = parallel.run(plan, step, batch, params, step_key)
     return grad, EstimatorState(key, state.stats.record(value, finite))
 
   def ask(key, params):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from zojax._src import checks
 from zojax._src import directions as directions_lib
 from zojax._src import engine
+from zojax._src import parallel
 from zojax._src.base import EstimatorState, ZerothOrderTransform, key_from_seed
 from zojax._src.perturbable import Mask, Perturbable, check_params
 from zojax._src.rge import random_directions
@@ -25,6 +26,7 @@ def forward_gradient(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Forward-gradient estimator (the backprop-free first-order baseline).
 
@@ -46,8 +48,8 @@ def forward_gradient(
     mask: coordinates to perturb (see :mod:`zojax.masks`).
     batch_size: JVPs evaluated at once; ``None`` = all.
     seed: int seed or PRNG key.
-    mesh, query_axis: split each step's JVPs over a mesh axis, as in
-      :func:`zojax.rge`.
+    mesh, query_axis, data_axis: split each step's JVPs and/or the batch over
+      mesh axes, as in :func:`zojax.rge`.
 
   Returns:
     A :class:`zojax.ZerothOrderTransform` needing ``obj_fn`` (no ask/tell:
@@ -62,30 +64,38 @@ def forward_gradient(
                          directions_lib.DISTRIBUTIONS)
   checks.validate_positive_int('batch_size', batch_size, allow_none=True)
   initial_key = key_from_seed(seed)
-  sharding = engine.query_sharding(mesh, query_axis)
+  plan = parallel.parallelism(mesh, query_axis, data_axis)
 
   def init_fn(params):
     check_params(params)
     Perturbable.build(params, mask)
     return EstimatorState(initial_key, EstimateStats.create(num_queries))
 
-  def update_fn(updates, state, params=None, *, obj_fn=None, **extra_args):
+  def update_fn(updates, state, params=None, *, obj_fn=None, batch=None,
+                **extra_args):
     del updates, extra_args
-    checks.require_update_args('forward_gradient', params, obj_fn)
-    checks.check_scalar_objective(obj_fn, params)
+    checks.check_update_args('forward_gradient', params, obj_fn, batch, plan)
     key, step_key = jax.random.split(state.key)
-    space = Perturbable.build(params, mask)
-    directions = random_directions(step_key, space, num_queries, distribution)
 
-    def probe(index, direction):
-      del index
-      value, derivative = jax.jvp(obj_fn, (params,), (space.embed(direction),))
-      return derivative, jnp.asarray(value, jnp.float32)
+    def step(local_batch, params, step_key):
+      objective = parallel.bind_objective(obj_fn, local_batch, plan)
+      space = Perturbable.build(params, mask)
+      directions = random_directions(step_key, space, num_queries,
+                                     distribution)
 
-    accumulated, values = engine.weighted_direction_sum(directions, probe,
-                                                        batch_size, sharding)
-    finite = jnp.all(jnp.isfinite(values))
-    grad = engine.finish_estimate(directions, accumulated, finite)
-    return grad, EstimatorState(key, state.stats.record(values[0], finite))
+      def probe(index, direction):
+        del index
+        value, derivative = jax.jvp(objective, (params,),
+                                    (space.embed(direction),))
+        return derivative, value
+
+      accumulated, values = engine.weighted_direction_sum(
+          directions, probe, batch_size, plan)
+      finite = jnp.all(jnp.isfinite(values))
+      grad = engine.finish_estimate(directions, accumulated, finite)
+      return grad, values[0], finite
+
+    grad, value, finite = parallel.run(plan, step, batch, params, step_key)
+    return grad, EstimatorState(key, state.stats.record(value, finite))
 
   return ZerothOrderTransform(init_fn, update_fn)

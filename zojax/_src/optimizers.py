@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from zojax._src import checks
-from zojax._src import engine
+from zojax._src import parallel
 from zojax._src.conservative import conservative_selection
 from zojax._src.forward_gradient import forward_gradient
 from zojax._src.perturbable import Mask
@@ -29,12 +29,12 @@ from zojax._src.rge import random_direction_transform
 
 
 def _two_point(name, sigma, num_queries, distribution, mask, batch_size, seed,
-               mesh, query_axis, coefficient_map=None):
+               mesh, query_axis, data_axis, coefficient_map=None):
   return random_direction_transform(
       name, num_queries, sigma, distribution=distribution,
       difference='central', mask=mask, batch_size=batch_size, seed=seed,
       coefficient_map=coefficient_map,
-      sharding=engine.query_sharding(mesh, query_axis))
+      plan=parallel.parallelism(mesh, query_axis, data_axis))
 
 
 def zo_sgd(
@@ -48,6 +48,7 @@ def zo_sgd(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD: :math:`\theta \leftarrow \theta - \eta\hat g`.
 
@@ -55,7 +56,7 @@ def zo_sgd(
     learning_rate: :math:`\eta`, a float or an optax schedule.
     sigma: perturbation size :math:`\epsilon`.
     num_queries: directions :math:`q` per step (``2q`` evaluations).
-    distribution, mask, batch_size, seed, mesh, query_axis: as in
+    distribution, mask, batch_size, seed, mesh, query_axis, data_axis: as in
       :func:`zojax.rge`.
 
   References:
@@ -64,7 +65,7 @@ def zo_sgd(
   """
   return optax.chain(
       _two_point('zo_sgd', sigma, num_queries, distribution, mask, batch_size,
-                 seed, mesh, query_axis),
+                 seed, mesh, query_axis, data_axis),
       optax.sgd(learning_rate))
 
 
@@ -80,6 +81,7 @@ def zo_sgd_momentum(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD with heavy-ball momentum (PyTorch's rule, ``optax.sgd``):
   :math:`m \leftarrow \mu m + \hat g`, :math:`\theta \leftarrow \theta - \eta m`.
@@ -88,12 +90,12 @@ def zo_sgd_momentum(
     learning_rate: :math:`\eta`.
     sigma, num_queries: as in :func:`zo_sgd`.
     momentum: :math:`\mu` (0.9, as in ZO-Bench).
-    distribution, mask, batch_size, seed, mesh, query_axis: as in
+    distribution, mask, batch_size, seed, mesh, query_axis, data_axis: as in
       :func:`zojax.rge`.
   """
   return optax.chain(
       _two_point('zo_sgd_momentum', sigma, num_queries, distribution, mask,
-                 batch_size, seed, mesh, query_axis),
+                 batch_size, seed, mesh, query_axis, data_axis),
       optax.sgd(learning_rate, momentum=momentum))
 
 
@@ -108,6 +110,7 @@ def zo_sign_sgd(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD-Sign with ZO-Bench's rule: the sign of each *scalar* difference.
 
@@ -122,7 +125,8 @@ def zo_sign_sgd(
   """
   return optax.chain(
       _two_point('zo_sign_sgd', sigma, num_queries, distribution, mask,
-                 batch_size, seed, mesh, query_axis, coefficient_map=jnp.sign),
+                 batch_size, seed, mesh, query_axis, data_axis,
+                 coefficient_map=jnp.sign),
       optax.sgd(learning_rate))
 
 
@@ -137,6 +141,7 @@ def zo_sgd_conservative(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-SGD-Cons: ZO-SGD that keeps the best of :math:`\theta`,
   :math:`\theta - \eta\hat g` and :math:`\theta + \eta\hat g`.
@@ -150,9 +155,9 @@ def zo_sgd_conservative(
   """
   return optax.chain(
       _two_point('zo_sgd_conservative', sigma, num_queries, distribution, mask,
-                 batch_size, seed, mesh, query_axis),
+                 batch_size, seed, mesh, query_axis, data_axis),
       optax.sgd(learning_rate),
-      conservative_selection())
+      conservative_selection(mesh=mesh, data_axis=data_axis))
 
 
 def zo_adam(
@@ -169,13 +174,14 @@ def zo_adam(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""ZO-Adam: Adam (``optax.adam``) on the two-point estimate :math:`\hat g`.
 
   Args:
     learning_rate, sigma, num_queries: as in :func:`zo_sgd`.
     b1, b2, eps: Adam's hyperparameters (PyTorch/optax defaults).
-    distribution, mask, batch_size, seed, mesh, query_axis: as in
+    distribution, mask, batch_size, seed, mesh, query_axis, data_axis: as in
       :func:`zojax.rge`.
 
   References:
@@ -183,7 +189,7 @@ def zo_adam(
   """
   return optax.chain(
       _two_point('zo_adam', sigma, num_queries, distribution, mask, batch_size,
-                 seed, mesh, query_axis),
+                 seed, mesh, query_axis, data_axis),
       optax.adam(learning_rate, b1=b1, b2=b2, eps=eps))
 
 
@@ -198,6 +204,7 @@ def forward_grad(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Forward-gradient SGD: :math:`\theta \leftarrow \theta - \eta
   (\nabla L^\top v) v` with :math:`v \sim N(0, I)` and the directional
@@ -208,7 +215,7 @@ def forward_grad(
     sigma: accepted (and checked) so that every ZO-Bench optimizer shares one
       signature; unused, since the JVP has no finite-difference step.
     num_queries: JVP directions per step.
-    distribution, mask, batch_size, seed, mesh, query_axis: as in
+    distribution, mask, batch_size, seed, mesh, query_axis, data_axis: as in
       :func:`zojax.forward_gradient`.
   """
   checks.validate_sigma(sigma)

@@ -153,7 +153,10 @@ class Perturbable:
 
   def embed(self, active_values: Sequence[jax.Array]) -> Any:
     """A params-shaped pytree: the given active leaves, zeros elsewhere."""
-    out = [jnp.zeros_like(leaf) for leaf in self.leaves]
+    # jnp.zeros, not zeros_like: inside shard_map a leaf's mesh sharding
+    # must not be copied onto the new array.
+    out = [jnp.zeros(jnp.shape(leaf), jnp.result_type(leaf))
+           for leaf in self.leaves]
     for i, v in zip(self.active, active_values):
       out[i] = v.astype(jnp.result_type(self.leaves[i]))
     return jax.tree.unflatten(self.treedef, out)

@@ -10,6 +10,7 @@ import jax
 from zojax._src import checks
 from zojax._src import directions as directions_lib
 from zojax._src import engine
+from zojax._src import parallel
 from zojax._src.base import ZerothOrderTransform
 from zojax._src.finite_differences import CoefficientMap
 from zojax._src.finite_differences import finite_difference_transform
@@ -27,6 +28,7 @@ def rge(
     seed=0,
     mesh: Optional[jax.sharding.Mesh] = None,
     query_axis: Optional[str] = None,
+    data_axis: Optional[str] = None,
 ) -> ZerothOrderTransform:
   r"""Randomized gradient estimator (RGE) as an optax transform.
 
@@ -86,18 +88,25 @@ def rge(
       Unperturbed coordinates get a zero update.
     batch_size: directions evaluated at once (``vmap`` chunk); ``None`` = all.
     seed: int seed or PRNG key; the key is split every step.
-    mesh: optional device mesh: each step's queries are split over its axis
-      ``query_axis`` with ``jax.shard_map``; every device regenerates its own
-      directions from the shared key and only the summed estimate (one
-      ``psum``) and per-query values cross devices. Same seed, same estimate
-      on 1 or N devices (up to float summation order). ``num_queries`` must be
-      a multiple of the axis size.
+    mesh: optional device mesh (see :mod:`zojax.parallel`). Each step's
+      queries are split over its axis ``query_axis`` with ``jax.shard_map``:
+      every device regenerates its own directions from the shared key and
+      only the summed estimate (one ``psum``) and per-query values cross
+      devices. Same seed, same estimate on 1 or N devices (up to float
+      summation order). ``num_queries`` must be a multiple of the axis size.
     query_axis: the mesh axis for queries (may be omitted for a 1-D mesh).
+    data_axis: optional mesh axis the batch is split over (data
+      parallelism). ``update`` then takes ``obj_fn(params, batch)`` and the
+      extra argument ``batch=`` (leaves with a leading axis divisible by the
+      axis size); each query's value is the mean over the axis of the values
+      on the device shards, i.e. the whole-batch objective when ``obj_fn``
+      averages over examples. ``batch=`` may also be passed without a mesh.
 
   Returns:
     A :class:`zojax.ZerothOrderTransform` (an
     ``optax.GradientTransformationExtraArgs`` with ``ask``/``tell``); its
-    ``update`` needs ``obj_fn``.
+    ``update`` needs ``obj_fn`` (``obj_fn(params)``, or
+    ``obj_fn(params, batch)`` when ``batch=`` is passed too).
 
   References:
     Nesterov & Spokoiny, Random gradient-free minimization of convex
@@ -107,7 +116,7 @@ def rge(
   return random_direction_transform(
       'rge', num_queries, sigma, distribution=distribution,
       difference=difference, mask=mask, batch_size=batch_size, seed=seed,
-      sharding=engine.query_sharding(mesh, query_axis))
+      plan=parallel.parallelism(mesh, query_axis, data_axis))
 
 
 def random_direction_transform(
@@ -121,7 +130,7 @@ def random_direction_transform(
     batch_size: Optional[int],
     seed,
     coefficient_map: CoefficientMap = None,
-    sharding: Optional[engine.QuerySharding] = None,
+    plan: Optional[parallel.Parallelism] = None,
 ) -> ZerothOrderTransform:
   """:func:`rge` with an optional map on each finite difference (internal)."""
   checks.validate_positive_int('num_queries', num_queries)
@@ -135,7 +144,7 @@ def random_direction_transform(
       name, make_directions=make_directions,
       count_directions=lambda space: num_queries, sigma=sigma,
       difference=difference, mask=mask, batch_size=batch_size, seed=seed,
-      coefficient_map=coefficient_map, sharding=sharding)
+      coefficient_map=coefficient_map, plan=plan)
 
 
 def random_directions(step_key: jax.Array, space: Perturbable,
