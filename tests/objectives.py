@@ -58,11 +58,13 @@ def run_steps(tx, params, obj_fn, steps, **update_args):
   """
   state = tx.init(params)
 
+  # update_args enter as jit arguments: a multi-host run's global arrays
+  # may not be closed over.
   @jax.jit
-  def step(p, s):
-    updates, s = tx.update(None, s, p, obj_fn=obj_fn, **update_args)
+  def step(p, s, args):
+    updates, s = tx.update(None, s, p, obj_fn=obj_fn, **args)
     return optax.apply_updates(p, updates), s
 
   for _ in range(steps):
-    params, state = step(params, state)
+    params, state = step(params, state, update_args)
   return params, state
