@@ -35,3 +35,22 @@ def test_models_produce_logits(model):
   loss = models.cross_entropy(logits, labels)
   np.testing.assert_allclose(loss, np.log(10.0), rtol=0.3)
   assert 0.0 <= float(models.accuracy(logits, labels)) <= 1.0
+
+
+def test_resnet20_has_the_cifar_architecture():
+  model = models.ResNet20()
+  x = jax.random.normal(jax.random.PRNGKey(1), (6, 32, 32, 3))
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert models.num_params(params) == 269_722  # He et al.'s 0.27M
+  logits = model.apply({'params': params}, x)
+  chex.assert_shape(logits, (6, 10))
+  chex.assert_tree_all_finite(logits)
+
+
+def test_batch_stat_norm_normalizes_each_channel():
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 5))
+  norm = models.BatchStatNorm()
+  params = norm.init(jax.random.PRNGKey(1), x)
+  y = norm.apply(params, x)
+  np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
+  np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, rtol=1e-3)
