@@ -77,7 +77,7 @@ def make_estimator(method: str, args, mesh, axis_role: str):
                    **axes)
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--devices', type=int, nargs='+', default=None,
                       help='device counts to compare (default: 1 and all)')
@@ -95,11 +95,11 @@ def main():
   parser.add_argument('--quick', action='store_true',
                       help='tiny configuration for a smoke run')
   parser.add_argument('--out', default='results/bench_parallel.json')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   blocks = 3
   if args.quick:
-    args.queries, args.coords, args.batch, args.chunk = 4, 8, 8, 2
-    args.repeats, blocks = 1, 1
+    args.queries, args.coords, args.batch, args.chunk = 8, 8, 8, 2
+    blocks = 1
   available = jax.device_count()
   counts = args.devices or sorted({1, available})
   if max(counts) > available:

@@ -48,7 +48,7 @@ class SmallCNN(nn.Module):
 
 
 class BatchStatNorm(nn.Module):
-  """Batch normalization with the statistics of the current batch only.
+  r"""Batch normalization with the statistics of the current batch only.
 
   :math:`y = \gamma (x - \mu_B) / \sqrt{\sigma_B^2 + \epsilon} + \beta`
   over all axes but the last (channels), i.e. BatchNorm in training mode

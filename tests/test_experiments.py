@@ -1,0 +1,26 @@
+"""Smoke runs of the benchmark scripts in quick mode (they must keep working)."""
+
+import importlib.util
+import json
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  path = os.path.join(REPO, 'experiments', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_parallel_quick(tmp_path):
+  out = tmp_path / 'bench_parallel.json'
+  _load('bench_parallel').main(['--quick', '--methods', 'rge', '--repeats',
+                                '1', '--devices', '1', '2', '--out',
+                                str(out)])
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['split'], r['devices']) for r in rows] == [
+      ('query', 1), ('query', 2), ('data', 1), ('data', 2)]
+  assert all(r['step_s'] > 0 for r in rows)
