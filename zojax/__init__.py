@@ -7,6 +7,8 @@ from zojax import models
 from zojax import parallel
 from zojax._src.base import EstimatorState
 from zojax._src.base import ZerothOrderTransform
+from zojax._src.cbo import CBOState
+from zojax._src.cbo import cbo
 from zojax._src.cge import cge
 from zojax._src.conservative import ConservativeState
 from zojax._src.conservative import conservative_selection
@@ -25,11 +27,13 @@ from zojax._src.stats import estimate_info
 __version__ = '0.1.0'
 
 __all__ = (
+    'CBOState',
     'ConservativeState',
     'EstimateInfo',
     'EstimateStats',
     'EstimatorState',
     'ZerothOrderTransform',
+    'cbo',
     'cge',
     'conservative_selection',
     'estimate_info',

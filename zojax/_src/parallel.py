@@ -138,19 +138,23 @@ def run(plan: Optional[Parallelism], step: Callable[..., Any], batch: Any,
     return step(batch, *replicated)
   batch_spec = P() if plan.data_axis is None else P(plan.data_axis)
   in_specs = (batch_spec,) + (P(),) * len(replicated)
-  args = (batch,) + replicated
-  if any(axis_type == jax.sharding.AxisType.Explicit
-         for axis_type in plan.mesh.axis_types):
-    # Explicit axes need the inputs in the map's layout first (Auto axes are
-    # resharded by shard_map itself).
-    args = tuple(
-        jax.reshard(arg, jax.sharding.NamedSharding(plan.mesh, spec))
-        for arg, spec in zip(args, in_specs))
+  args = _in_layout(plan.mesh, (batch,) + replicated, in_specs)
   # check_vma=False: loops inside the step carry device-varying accumulators
   # initialised from replicated zeros; the step's psums make outputs
   # replicated.
   return jax.shard_map(step, mesh=plan.mesh, in_specs=in_specs,
                        out_specs=P(), check_vma=False)(*args)
+
+
+def _in_layout(mesh, args: tuple, specs: tuple) -> tuple:
+  """``args`` resharded to ``specs`` when the mesh has Explicit axes, which
+  need the inputs of a ``shard_map`` in its layout first (Auto axes are
+  resharded by ``shard_map`` itself)."""
+  if not any(axis_type == jax.sharding.AxisType.Explicit
+             for axis_type in mesh.axis_types):
+    return args
+  return tuple(jax.reshard(arg, jax.sharding.NamedSharding(mesh, spec))
+               for arg, spec in zip(args, specs))
 
 
 def local_query_indices(count: int,
@@ -228,4 +232,5 @@ def evaluate_points(
         f'devices of mesh axis {plan.query_axis!r}.')
   spec = P(plan.query_axis)
   return jax.shard_map(values_of, mesh=plan.mesh, in_specs=(spec,),
-                       out_specs=spec)(points)
+                       out_specs=spec)(*_in_layout(plan.mesh, (points,),
+                                                   (spec,)))
