@@ -220,9 +220,13 @@ def evaluate_points(
     The values, a float32 vector with one entry per point.
   """
   plan = parallelism(mesh, query_axis=axis)
-  values_of = lambda stacked: jax.lax.map(
-      lambda p: jnp.asarray(fn(p), jnp.float32), stacked,
-      batch_size=batch_size)
+  value = lambda p: jnp.asarray(fn(p), jnp.float32)
+
+  def values_of(stacked):
+    if batch_size is None:
+      return jax.vmap(value)(stacked)
+    return jax.lax.map(value, stacked, batch_size=batch_size)
+
   if plan is None:
     return values_of(points)
   count = jax.tree.leaves(points)[0].shape[0]
