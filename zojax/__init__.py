@@ -19,6 +19,10 @@ from zojax._src.optimizers import zo_sgd
 from zojax._src.optimizers import zo_sgd_conservative
 from zojax._src.optimizers import zo_sgd_momentum
 from zojax._src.optimizers import zo_sign_sgd
+from zojax._src.rank import RankLineSearchState
+from zojax._src.rank import rank_estimator
+from zojax._src.rank import rank_line_search
+from zojax._src.rank import zo_ranksgd
 from zojax._src.rge import rge
 from zojax._src.stats import EstimateInfo
 from zojax._src.stats import EstimateStats
@@ -44,8 +48,12 @@ __all__ = (
     'masks',
     'models',
     'parallel',
+    'RankLineSearchState',
+    'rank_estimator',
+    'rank_line_search',
     'rge',
     'zo_adam',
+    'zo_ranksgd',
     'zo_sgd',
     'zo_sgd_conservative',
     'zo_sgd_momentum',
