@@ -7,6 +7,7 @@ from zojax import models
 from zojax import parallel
 from zojax._src.base import EstimatorState
 from zojax._src.base import ZerothOrderTransform
+from zojax._src.black_box import black_box
 from zojax._src.cbo import CBOState
 from zojax._src.cbo import cbo
 from zojax._src.cge import cge
@@ -37,6 +38,7 @@ __all__ = (
     'EstimateStats',
     'EstimatorState',
     'ZerothOrderTransform',
+    'black_box',
     'cbo',
     'cge',
     'conservative_selection',
