@@ -32,31 +32,18 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 
 import zojax
+from harness import time_interleaved
 from zojax import models
 
 
 def _time(fn, *args, repeats: int) -> float:
   """Minimum wall time of ``fn(*args)`` (compiled, after one warm-up call)."""
-  return _time_interleaved({'fn': (fn, args)}, repeats)['fn']
-
-
-def _time_interleaved(calls: dict, repeats: int) -> dict:
-  """Minimum wall time of each ``fn(*args)`` in ``calls``, run round-robin."""
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
-  best = {name: float('inf') for name in calls}
-  for _ in range(repeats):
-    for name, (fn, args) in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
+  return time_interleaved({'fn': (fn, args)}, repeats)['fn']
 
 
 def _problem(features, batch, in_dim):
@@ -169,7 +156,7 @@ def main():
       calls[f'step {chunk}'] = estimator_step(make(chunk), params, obj_fn)
       calls[f'floor vmap{chunk}'] = vmap_floor(params, obj_fn, evals, chunk)
       calls[f'copies {chunk}'] = copies_reference(params, obj_fn, evals, chunk)
-    times = _time_interleaved({k: v[:2] for k, v in calls.items()},
+    times = time_interleaved({k: v[:2] for k, v in calls.items()},
                               args.repeats)
     times = {k: t * calls[k][2] for k, t in times.items()}
     steps = {int(k.split()[1]): t for k, t in times.items()

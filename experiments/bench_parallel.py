@@ -29,26 +29,13 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 
 import zojax
+from harness import time_interleaved
 from zojax import models
-
-
-def time_interleaved(calls: dict, repeats: int) -> dict:
-  """Minimum wall time of each ``fn(*args)`` in ``calls``, run round-robin."""
-  for fn, args in calls.values():
-    jax.block_until_ready(fn(*args))
-  best = {name: float('inf') for name in calls}
-  for _ in range(repeats):
-    for name, (fn, args) in calls.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      best[name] = min(best[name], time.perf_counter() - start)
-  return best
 
 
 def problem(batch: int, blocks_per_stage: int):

@@ -33,7 +33,6 @@ of the same ``zojax.cbo`` transform, inside one jitted ``lax.scan``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -44,6 +43,7 @@ import numpy as np
 import optax
 
 import zojax
+from harness import run_arguments
 
 MINIMISER_TOLERANCE = 0.25
 
@@ -260,11 +260,7 @@ def plot_success(rows: list, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--quick', action='store_true',
-                      default=os.environ.get('ZOJAX_QUICK', '') == '1')
-  parser.add_argument('--out', default='results')
-  args = parser.parse_args(argv)
+  args = run_arguments(__doc__.splitlines()[0]).parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   start = time.time()
   runs = 10 if args.quick else 50

@@ -3,8 +3,12 @@
 import importlib.util
 import json
 import os
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The scripts import their shared helpers (experiments/harness.py) as they
+# do when run from that folder.
+sys.path.insert(0, os.path.join(REPO, 'experiments'))
 
 
 def _load(name):

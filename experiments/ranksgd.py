@@ -1,0 +1,286 @@
+"""ZO-RankSGD's synthetic experiments: loss against oracle queries.
+
+The setting of the authors' exploratory notebooks (TZW1998/rank_opt): d = 100,
+a convex quadratic x^T A x + b^T x with A = G G^T (G 100 x 50) and the
+Rosenbrock function, m = 10 points per step, mu = 0.1, 10 repetitions from
+the same N(0, I) start. One choice differs: the authors draw b at random,
+which leaves the quadratic unbounded below along the null space of A; here
+b = G c, so the minimum exists and the optimality gap is defined.
+
+Methods, all spending 10 points of the oracle per step:
+
+* ZO-RankSGD, full ranking (k = 10) and top-5 (``zojax.zo_ranksgd``),
+* ZO-SGD on values (``zojax.rge``, 9 forward differences + f(x)),
+* ZO-SignSGD, comparison-based (``zojax.zo_sign_sgd``, 5 directions, the
+  sign of f(x + mu u) - f(x - mu u): a pairwise comparison each),
+* GLD, gradientless descent (Golovin et al., 2020): 10 points at radii
+  R 2^-j around x, move to the best if it beats x (needs comparisons only),
+* CMA-ES with population 10 (the ``cma`` package, off the shelf).
+
+Every method's step size is tuned on a grid (the best mean final loss over
+the repetitions is kept; CMA-ES tunes its initial sigma). Reports the loss
+curves (mean and spread), the oracle points each method needs to close 90%
+(quadratic) or 50% (Rosenbrock) of the initial gap, and the wall time of one
+jitted ZO-RankSGD step with m = 64 on the CPU.
+
+  python experiments/ranksgd.py            # full run: JSON + PNG in results/
+  python experiments/ranksgd.py --quick    # small smoke run (ZOJAX_QUICK=1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import zojax
+from harness import run_arguments
+
+POINTS_PER_STEP = 10
+MU = 0.1
+LEARNING_RATES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+
+
+# ------------------------------------------------------------------ problems
+def quadratic(dim: int = 100, seed: int = 0):
+  """x^T A x + b^T x, A = G G^T (G: dim x dim/2), b = G c; and its minimum."""
+  rng = np.random.default_rng(seed)
+  g = rng.normal(size=(dim, dim // 2))
+  a = g @ g.T
+  b = g @ rng.normal(size=dim // 2)
+  x_star = -0.5 * np.linalg.pinv(a) @ b
+  f_star = float(x_star @ a @ x_star + b @ x_star)
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return (lambda x: x @ a @ x + b @ x), f_star
+
+
+def rosenbrock(x):
+  return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+
+
+# Fraction of the initial optimality gap a method must close (the target).
+TARGET_FRACTIONS = {'quadratic': 0.9, 'rosenbrock': 0.5}
+
+
+def problem(name: str):
+  """``(f, f_star)`` of a named problem."""
+  return quadratic() if name == 'quadratic' else (rosenbrock, 0.0)
+
+
+# ----------------------------------------------------------- zojax methods
+def rank_oracle(f):
+  return lambda candidates: jnp.argsort(jax.vmap(lambda c: f(c['x']))(
+      candidates))
+
+
+def method_transforms(lr):
+  """name -> (transform, which oracle its update needs)."""
+  return {
+      'ZO-RankSGD (k=10)': (zojax.zo_ranksgd(lr, 10, 10, MU), 'rank'),
+      'ZO-RankSGD (k=5)': (zojax.zo_ranksgd(lr, 10, 5, MU), 'rank'),
+      'ZO-SGD (values)': (optax.chain(zojax.rge(9, MU), optax.sgd(lr)),
+                          'value'),
+      'ZO-SignSGD (comparisons)': (zojax.zo_sign_sgd(lr, MU, 5), 'value'),
+  }
+
+
+def run_transform(tx, oracle, f, x0, steps, reps):
+  """Losses after each step, shape (reps, steps + 1); reps differ by seed."""
+  params = {'x': jnp.asarray(x0, jnp.float32)}
+  obj_fn = lambda p: f(p['x'])
+  extra = ({'rank_fn': rank_oracle(f)} if oracle == 'rank'
+           else {'obj_fn': obj_fn})
+  template = tx.init(params)
+
+  def one_rep(key):
+    # A different key in every zojax state of the chain = a different seed.
+    state = _rekey(template, key)
+
+    def step(carry, _):
+      p, s = carry
+      updates, s = tx.update(None, s, p, **extra)
+      p = optax.apply_updates(p, updates)
+      return (p, s), obj_fn(p)
+
+    losses = jax.lax.scan(step, (params, state), None, length=steps)[1]
+    return jnp.concatenate([obj_fn(params)[None], losses])
+
+  keys = jax.random.split(jax.random.PRNGKey(1), reps)
+  return np.asarray(jax.jit(jax.vmap(one_rep))(keys))
+
+
+def _rekey(state, key):
+  def swap(node):
+    if isinstance(node, zojax.EstimatorState):
+      return node._replace(key=key)
+    return node
+  return jax.tree.map(swap, state,
+                      is_leaf=lambda n: isinstance(n, zojax.EstimatorState))
+
+
+def run_gld(f, x0, steps, reps, radius):
+  """Gradientless descent: 10 candidates x + R 2^-j u_j (u_j uniform on the
+  sphere); x moves to the best one if it is better than x."""
+  radii = radius * 0.5 ** jnp.arange(POINTS_PER_STEP, dtype=jnp.float32)
+
+  def one_rep(key):
+    def step(x, step_key):
+      u = jax.random.normal(step_key, (POINTS_PER_STEP, x.shape[0]))
+      u = u / jnp.linalg.norm(u, axis=1, keepdims=True)
+      candidates = x + radii[:, None] * u
+      values = jax.vmap(f)(candidates)
+      best = jnp.argmin(values)
+      x = jnp.where(values[best] < f(x), candidates[best], x)
+      return x, f(x)
+    x = jnp.asarray(x0, jnp.float32)
+    losses = jax.lax.scan(step, x, jax.random.split(key, steps))[1]
+    return jnp.concatenate([f(x)[None], losses])
+
+  keys = jax.random.split(jax.random.PRNGKey(2), reps)
+  return np.asarray(jax.jit(jax.vmap(one_rep))(keys))
+
+
+def run_cmaes(f, x0, steps, reps, sigma0):
+  import cma
+  f_np = jax.jit(jax.vmap(f))
+  curves = []
+  for rep in range(reps):
+    es = cma.CMAEvolutionStrategy(np.asarray(x0), sigma0, {
+        'popsize': POINTS_PER_STEP, 'seed': rep + 1, 'verbose': -9})
+    losses = [float(f(jnp.asarray(x0, jnp.float32)))]
+    for _ in range(steps):
+      candidates = es.ask()
+      es.tell(candidates, np.asarray(f_np(jnp.asarray(np.array(candidates),
+                                                      jnp.float32))).tolist())
+      losses.append(float(f(jnp.asarray(es.mean, jnp.float32))))
+    curves.append(losses)
+  return np.asarray(curves)
+
+
+def best_over(grid, run):
+  """The run with the lowest mean final loss over a grid of settings."""
+  results = {value: run(value) for value in grid}
+  chosen = min(results, key=lambda v: np.nanmean(results[v][:, -1])
+               if np.all(np.isfinite(results[v][:, -1])) else np.inf)
+  return chosen, results[chosen]
+
+
+def _std(curves):
+  with np.errstate(invalid='ignore'):  # diverged runs hold inf
+    return curves.std(0)
+
+
+def points_to_target(curve_mean, target):
+  hit = np.flatnonzero(curve_mean <= target)
+  return int(hit[0]) * POINTS_PER_STEP if hit.size else None
+
+
+def step_time_m64(repeats: int = 20) -> float:
+  """Seconds per jitted ZO-RankSGD step, m = 64, on a 100-d quadratic."""
+  f, _ = quadratic()
+  tx = zojax.zo_ranksgd(1e-3, 64, 16, MU)
+  params = {'x': jnp.ones(100, jnp.float32)}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s):
+    updates, s = tx.update(None, s, p, rank_fn=rank_oracle(f))
+    return optax.apply_updates(p, updates), s
+
+  jax.block_until_ready(step(params, state))
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(step(params, state))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def run_all(quick: bool) -> dict:
+  steps, reps = (40, 3) if quick else (300, 10)
+  lrs = LEARNING_RATES[6::3] if quick else LEARNING_RATES
+  x0 = np.random.default_rng(0).normal(size=100)
+  out = {}
+  for name in TARGET_FRACTIONS:
+    f, f_star = problem(name)
+    curves, settings = {}, {}
+    for method in method_transforms(1.0):
+      settings[method], curves[method] = best_over(
+          lrs, lambda lr, method=method: run_transform(
+              *method_transforms(lr)[method], f, x0, steps, reps))
+    settings['GLD'], curves['GLD'] = best_over(
+        (0.1, 1.0, 3.0, 10.0, 30.0) if not quick else (1.0,),
+        lambda r: run_gld(f, x0, steps, reps, r))
+    settings['CMA-ES (pop 10)'], curves['CMA-ES (pop 10)'] = best_over(
+        (0.1, 0.3, 1.0) if not quick else (0.3,),
+        lambda s: run_cmaes(f, x0, steps, reps, s))
+    f0 = float(f(jnp.asarray(x0, jnp.float32)))
+    fraction = TARGET_FRACTIONS[name]
+    target = f0 - fraction * (f0 - f_star)
+    out[name] = {
+        'f0': f0, 'f_star': f_star, 'target': target,
+        'target_fraction_of_gap': fraction,
+        'methods': {
+            method: {'setting': settings[method],
+                     'mean': curve.mean(0).tolist(),
+                     'std': _std(curve).tolist(),
+                     'final_gap_mean': float(curve[:, -1].mean() - f_star),
+                     'points_to_target': points_to_target(curve.mean(0),
+                                                          target)}
+            for method, curve in curves.items()}}
+  return out
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.5))
+  for ax, (problem, res) in zip(np.atleast_1d(axes), results.items()):
+    for name, m in res['methods'].items():
+      mean = np.asarray(m['mean']) - res['f_star']
+      std = np.asarray(m['std'])
+      points = np.arange(len(mean)) * POINTS_PER_STEP
+      style = '-' if 'Rank' in name else '--'
+      ax.plot(points, mean, style, label=name)
+      ax.fill_between(points, np.maximum(mean - std, 1e-12), mean + std,
+                      alpha=0.15)
+    ax.set(yscale='log', xlabel='oracle points (10 per step)',
+           ylabel='f(x) - f*', title=f'{problem}, d = 100')
+  np.atleast_1d(axes)[0].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  args = run_arguments(__doc__.splitlines()[0]).parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  start = time.time()
+  results = run_all(args.quick)
+  step_s = step_time_m64(5 if args.quick else 20)
+  print(f'one jitted ZO-RankSGD step, m = 64, d = 100, CPU: '
+        f'{1e3 * step_s:.3f} ms')
+  for problem, res in results.items():
+    print(f'\n{problem}: f0 = {res["f0"]:.4g}, f* = {res["f_star"]:.4g}, '
+          f'target = close {100 * res["target_fraction_of_gap"]:.0f}% of the '
+          'gap\n| method | tuned setting | points to target | final gap |\n'
+          '|---|---|---|---|')
+    for name, m in res['methods'].items():
+      print(f"| {name} | {m['setting']} | {m['points_to_target'] or '—'} | "
+            f"{m['final_gap_mean']:.4g} |")
+  plot(results, os.path.join(args.out, 'ranksgd.png'))
+  summary = {'quick': args.quick, 'step_ms_m64_cpu': 1e3 * step_s,
+             'results': results, 'seconds': time.time() - start}
+  with open(os.path.join(args.out, 'ranksgd.json'), 'w') as f:
+    json.dump(summary, f)
+  print(f'wrote {args.out}/ranksgd.json, ranksgd.png '
+        f'({summary["seconds"]:.0f} s)')
+  return summary
+
+
+if __name__ == '__main__':
+  main()
