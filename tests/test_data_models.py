@@ -1,5 +1,7 @@
 """Tests for zojax.data and zojax.models."""
 
+import pickle
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -54,3 +56,36 @@ def test_batch_stat_norm_normalizes_each_channel():
   y = norm.apply(params, x)
   np.testing.assert_allclose(jnp.mean(y, axis=(0, 1, 2)), 0.0, atol=1e-5)
   np.testing.assert_allclose(jnp.std(y, axis=(0, 1, 2)), 1.0, rtol=1e-3)
+
+
+def _write_cifar_batch(path, images, labels):
+  """One batch in the official format: (N, 3072) uint8, channel-major."""
+  data = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+  with open(path, 'wb') as f:
+    pickle.dump({b'data': data, b'labels': list(labels),
+                 b'batch_label': b'test'}, f)
+
+
+def test_cifar10_reads_the_python_pickle_batches(tmp_path):
+  folder = tmp_path / 'cifar-10-batches-py'
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  written = {}
+  for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+    images = rng.integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=4)
+    _write_cifar_batch(folder / name, images, labels)
+    written[name] = (images, labels)
+  for path in (tmp_path, folder):  # the archive's folder or its parent
+    ds = data.cifar10(str(path))
+    chex.assert_shape(ds.x_train, (20, 32, 32, 3))
+    chex.assert_shape(ds.x_test, (4, 32, 32, 3))
+    assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
+    np.testing.assert_allclose(ds.x_train[4:8] * 255.0,
+                               written['data_batch_2'][0], atol=1e-3)
+    np.testing.assert_array_equal(ds.y_test, written['test_batch'][1])
+
+
+def test_cifar10_names_the_missing_files(tmp_path):
+  with pytest.raises(FileNotFoundError, match='data_batch_1.*test_batch'):
+    data.cifar10(str(tmp_path))
