@@ -17,6 +17,12 @@ Methods, all spending 10 points of the oracle per step:
   R 2^-j around x, move to the best if it beats x (needs comparisons only),
 * CMA-ES with population 10 (the ``cma`` package, off the shelf).
 
+Then policy optimization from episode-return rankings (the paper's MuJoCo
+experiments, here on gymnax's JAX-native CartPole-v1): a linear policy, one
+episode per candidate (all candidates of a step share the episode's random
+start), ZO-RankSGD ranking the 10 candidates by return against ZO-SGD on the
+returns and CMA-ES; 5 repetitions.
+
 Every method's step size is tuned on a grid (the best mean final loss over
 the repetitions is kept; CMA-ES tunes its initial sigma). Reports the loss
 curves (mean and spread), the oracle points each method needs to close 90%
@@ -34,6 +40,7 @@ import os
 import time
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -201,6 +208,133 @@ def step_time_m64(repeats: int = 20) -> float:
   return best
 
 
+# ------------------------------------------------- policy optimization
+def episode_return(policy, key, env, env_params):
+  """Undiscounted return of one episode of the deterministic linear policy
+  ``argmax(obs @ w + b)`` (CartPole-v1: at most 500 steps)."""
+  obs, state = env.reset(key, env_params)
+
+  def step(carry, step_key):
+    obs, state, alive, total = carry
+    action = jnp.argmax(obs @ policy['w'] + policy['b'])
+    obs, state, reward, terminated, truncated, _ = env.step(
+        step_key, state, action, env_params)
+    total = total + alive * reward
+    alive = alive * (1.0 - jnp.maximum(terminated, truncated))
+    return (obs, state, alive, total), None
+
+  keys = jax.random.split(key, env_params.max_steps_in_episode)
+  carry = (obs, state, jnp.float32(1.0), jnp.float32(0.0))
+  return jax.lax.scan(step, carry, keys)[0][3]
+
+
+def policy_runs(method: str, setting: float, steps: int, reps: int):
+  """Mean episode return of the current policy after each step (evaluated
+  on 10 fresh episodes), shape (reps, steps + 1)."""
+  import gymnax
+  env, env_params = gymnax.make('CartPole-v1')
+  returns = lambda p, key: episode_return(p, key, env, env_params)
+  policy = {'w': jnp.zeros((4, 2), jnp.float32),
+            'b': jnp.zeros((2,), jnp.float32)}
+
+  def evaluate(p, key):
+    return jnp.mean(jax.vmap(lambda k: returns(p, k))(
+        jax.random.split(key, 10)))
+
+  if method == 'CMA-ES (pop 10)':
+    return _policy_cmaes(returns, evaluate, policy, setting, steps, reps)
+  if method == 'ZO-RankSGD (k=5)':
+    tx = zojax.zo_ranksgd(setting, 10, 5, MU)
+  else:
+    tx = optax.chain(zojax.rge(9, MU), optax.sgd(setting))
+  template = tx.init(policy)
+
+  def one_rep(key):
+    def step(carry, step_key):
+      p, s = carry
+      episode_key, eval_key = jax.random.split(step_key)
+      if method.startswith('ZO-RankSGD'):
+        rank_fn = lambda c: jnp.argsort(-jax.vmap(
+            lambda q: returns(q, episode_key))(c))
+        updates, s = tx.update(None, s, p, rank_fn=rank_fn)
+      else:
+        updates, s = tx.update(None, s, p,
+                               obj_fn=lambda q: -returns(q, episode_key))
+      p = optax.apply_updates(p, updates)
+      return (p, s), evaluate(p, eval_key)
+
+    start = evaluate(policy, jax.random.fold_in(key, 1))
+    curve = jax.lax.scan(step, (policy, _rekey(template, key)),
+                         jax.random.split(key, steps))[1]
+    return jnp.concatenate([start[None], curve])
+
+  keys = jax.random.split(jax.random.PRNGKey(3), reps)
+  return np.asarray(jax.jit(jax.vmap(one_rep))(keys))
+
+
+def _policy_cmaes(returns, evaluate, policy, sigma0, steps, reps):
+  import cma
+  flat0, unravel = jax.flatten_util.ravel_pytree(policy)
+  batch_returns = jax.jit(lambda xs, key: jax.vmap(
+      lambda x: returns(unravel(x), key))(xs))
+  evaluate_flat = jax.jit(lambda x, key: evaluate(unravel(x), key))
+  curves = []
+  for rep in range(reps):
+    key = jax.random.PRNGKey(100 + rep)
+    es = cma.CMAEvolutionStrategy(np.asarray(flat0), sigma0, {
+        'popsize': POINTS_PER_STEP, 'seed': rep + 1, 'verbose': -9})
+    curve = [float(evaluate_flat(flat0, key))]
+    for step in range(steps):
+      episode_key, eval_key = jax.random.split(jax.random.fold_in(key, step))
+      candidates = np.array(es.ask())
+      es.tell(list(candidates), (-np.asarray(batch_returns(
+          jnp.asarray(candidates, jnp.float32), episode_key))).tolist())
+      curve.append(float(evaluate_flat(jnp.asarray(es.mean, jnp.float32),
+                                       eval_key)))
+    curves.append(curve)
+  return np.asarray(curves)
+
+
+POLICY_METHODS = {
+    'ZO-RankSGD (k=5)': (0.1, 0.3, 1.0, 3.0),
+    'ZO-SGD (values)': (1e-3, 3e-3, 1e-2, 3e-2),
+    'CMA-ES (pop 10)': (0.1, 0.3, 1.0),
+}
+
+
+def policy_optimization(quick: bool) -> dict:
+  steps, reps = (10, 2) if quick else (60, 5)
+  out = {}
+  for method, grid in POLICY_METHODS.items():
+    grid = grid[1:2] if quick else grid
+    results = {g: policy_runs(method, g, steps, reps) for g in grid}
+    best = max(results, key=lambda g: results[g][:, -1].mean())
+    curve = results[best]
+    hit = np.flatnonzero(curve.mean(0) >= 475.0)
+    out[method] = {'setting': best, 'mean': curve.mean(0).tolist(),
+                   'std': curve.std(0).tolist(),
+                   'final_return': float(curve[:, -1].mean()),
+                   'episodes_to_475': int(hit[0]) * POINTS_PER_STEP
+                   if hit.size else None}
+  return out
+
+
+def plot_policy(results: dict, path: str) -> None:
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for method, m in results.items():
+    mean, std = np.asarray(m['mean']), np.asarray(m['std'])
+    episodes = np.arange(len(mean)) * POINTS_PER_STEP
+    ax.plot(episodes, mean, '-' if 'Rank' in method else '--', label=method)
+    ax.fill_between(episodes, mean - std, mean + std, alpha=0.15)
+  ax.set(xlabel='training episodes (10 per step)', ylabel='mean return',
+         title='CartPole-v1 (gymnax), linear policy')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def run_all(quick: bool) -> dict:
   steps, reps = (40, 3) if quick else (300, 10)
   lrs = LEARNING_RATES[6::3] if quick else LEARNING_RATES
@@ -273,8 +407,17 @@ def main(argv=None) -> dict:
       print(f"| {name} | {m['setting']} | {m['points_to_target'] or '—'} | "
             f"{m['final_gap_mean']:.4g} |")
   plot(results, os.path.join(args.out, 'ranksgd.png'))
+  policy = policy_optimization(args.quick)
+  print('\nCartPole-v1, linear policy: episodes to a mean return of 475, '
+        'final mean return\n| method | tuned setting | episodes to 475 | '
+        'final return |\n|---|---|---|---|')
+  for method, m in policy.items():
+    print(f"| {method} | {m['setting']} | {m['episodes_to_475'] or '—'} | "
+          f"{m['final_return']:.1f} |")
+  plot_policy(policy, os.path.join(args.out, 'ranksgd_policy.png'))
   summary = {'quick': args.quick, 'step_ms_m64_cpu': 1e3 * step_s,
-             'results': results, 'seconds': time.time() - start}
+             'results': results, 'policy': policy,
+             'seconds': time.time() - start}
   with open(os.path.join(args.out, 'ranksgd.json'), 'w') as f:
     json.dump(summary, f)
   print(f'wrote {args.out}/ranksgd.json, ranksgd.png '

@@ -12,9 +12,10 @@ work two ways, both with ``jax.shard_map``:
   per-query values are averaged over the axis (``pmean``, a vector of scalars
   per chunk of queries).
 
-Only scalars per query and the one summed estimate cross devices; the
-parameters are never sent, since every device rebuilds the perturbed copies
-it needs. On several hosts the same code runs after
+Only scalars per query and the one summed estimate cross devices: the
+parameters enter the map replicated (every device keeps its copy, as in data
+parallel training) and each device builds the perturbed copies it needs
+itself. On several hosts the same code runs after
 ``jax.distributed.initialize()`` (DistZO2's PertP + DDP; DeepZero's forward
 parallelization).
 """
