@@ -5,6 +5,7 @@ from zojax import diagnostics
 from zojax import masks
 from zojax import models
 from zojax import parallel
+from zojax import sparsity
 from zojax._src.base import EstimatorState
 from zojax._src.base import ZerothOrderTransform
 from zojax._src.black_box import black_box
@@ -50,6 +51,7 @@ __all__ = (
     'masks',
     'models',
     'parallel',
+    'sparsity',
     'RankLineSearchState',
     'rank_estimator',
     'rank_line_search',
