@@ -28,3 +28,12 @@ def test_bench_parallel_quick(tmp_path):
   assert [(r['split'], r['devices']) for r in rows] == [
       ('query', 1), ('query', 2), ('data', 1), ('data', 2)]
   assert all(r['step_s'] > 0 for r in rows)
+
+
+def test_bench_deepzero_quick(tmp_path):
+  _load('bench_deepzero').main(['--quick', '--methods', 'reuse', '--out',
+                                str(tmp_path)])
+  report = json.loads((tmp_path / 'bench_deepzero_cpu_quick.json').read_text())
+  (row,) = report['rows']
+  assert row['method'] == 'reuse' and row['step_s'] > 0
+  assert row['cosine_to_autodiff'] > 0.99  # feature reuse CGE is CGE

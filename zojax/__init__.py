@@ -2,6 +2,7 @@
 
 from zojax import data
 from zojax import diagnostics
+from zojax import flax
 from zojax import masks
 from zojax import models
 from zojax import parallel
@@ -48,6 +49,7 @@ __all__ = (
     'forward_gradient',
     'data',
     'diagnostics',
+    'flax',
     'masks',
     'models',
     'parallel',

@@ -27,8 +27,36 @@ class MLP(nn.Module):
     return nn.Dense(self.features[-1])(x)
 
 
+class ConvPool(nn.Module):
+  """A 3x3 convolution, ReLU and 2x2 average pooling."""
+
+  channels: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Conv(self.channels, (3, 3))(x))
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+
+
+class DenseHead(nn.Module):
+  """Flattens (or, with ``pool``, averages the spatial axes) and classifies."""
+
+  num_classes: int
+  pool: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.pool:
+      x = jnp.mean(x, axis=(1, 2))
+    x = x.reshape((x.shape[0], -1))
+    return nn.Dense(self.num_classes)(x)
+
+
 class SmallCNN(nn.Module):
   """Two 3x3 convolutions (ReLU, 2x2 average pooling) and a dense classifier.
+
+  ``stages()`` gives the same network as a sequence of modules, for
+  :mod:`zojax.flax` feature reuse.
 
   Attributes:
     channels: channels of the two convolutions.
@@ -38,13 +66,16 @@ class SmallCNN(nn.Module):
   channels: Sequence[int] = (8, 16)
   num_classes: int = 10
 
+  @nn.nowrap
+  def stages(self) -> tuple[nn.Module, ...]:
+    return tuple(ConvPool(c) for c in self.channels) + (
+        DenseHead(self.num_classes),)
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    for c in self.channels:
-      x = nn.relu(nn.Conv(c, (3, 3))(x))
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding='SAME')
-    x = x.reshape((x.shape[0], -1))
-    return nn.Dense(self.num_classes)(x)
+    for stage in self.stages():
+      x = stage(x)
+    return x
 
 
 class BatchStatNorm(nn.Module):
@@ -92,28 +123,42 @@ class BasicBlock(nn.Module):
     return nn.relu(y + shortcut)
 
 
+class ResNetStem(nn.Module):
+  """ResNet-20's first layer: a 3x3 convolution (16 channels), norm, ReLU."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
+    return nn.relu(BatchStatNorm()(x))
+
+
 class ResNet20(nn.Module):
   """ResNet-20 for 32x32 images (He et al., 2016, section 4.2): a 3x3
   convolution with 16 channels, three stages of three basic blocks (16, 32,
   64 channels; stride 2 at the start of stages 2 and 3), global average
   pooling and a dense classifier. 269,722 parameters with 10 classes, the
   model of DeepZero's CIFAR-10 experiments. Normalization is
-  :class:`BatchStatNorm`.
+  :class:`BatchStatNorm`. ``stages()`` gives the same network as 11 modules
+  (stem, 9 blocks, head), for :mod:`zojax.flax` feature reuse.
   """
 
   num_classes: int = 10
   blocks_per_stage: int = 3
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nn.Conv(16, (3, 3), padding=1, use_bias=False)(x)
-    x = nn.relu(BatchStatNorm()(x))
+  @nn.nowrap
+  def stages(self) -> tuple[nn.Module, ...]:
+    blocks = []
     for stage, channels in enumerate((16, 32, 64)):
       for block in range(self.blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(channels, stride)(x)
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes)(x)
+        blocks.append(BasicBlock(channels, stride))
+    return (ResNetStem(), *blocks, DenseHead(self.num_classes, pool=True))
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for stage in self.stages():
+      x = stage(x)
+    return x
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
