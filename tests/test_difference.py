@@ -6,7 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from zojax import models
-from zojax._src.difference import propagate
+from zojax._src.difference import OneHot, propagate
 
 
 def _every_rule(params, x):
@@ -80,13 +80,18 @@ class PropagateTest(parameterized.TestCase):
     params = variables['params']
     kernel = params['Conv_0']['kernel']
 
-    def change(index):
+    def change(index, one_hot):
       delta = jax.tree.map(jnp.zeros_like, params)
-      delta['Conv_0']['kernel'] = jnp.zeros(kernel.size).at[index].set(
-          1e-2).reshape(kernel.shape)
+      delta['Conv_0']['kernel'] = (
+          OneHot(index, 1e-2, kernel.shape, kernel.dtype) if one_hot else
+          jnp.zeros(kernel.size).at[index].set(1e-2).reshape(kernel.shape))
       return propagate(stem, (params,), (delta,))[1]
 
-    got = jax.jit(jax.vmap(change))(jnp.arange(3))
+    got = jax.jit(jax.vmap(lambda i: change(i, False)))(jnp.arange(3))
+    # the one-entry convolution rule gives the same changes
+    np.testing.assert_allclose(
+        jax.jit(jax.vmap(lambda i: change(i, True)))(jnp.arange(3)), got,
+        rtol=1e-4, atol=1e-10)
     with jax.enable_x64(True):
       as64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
       x64, p64 = as64(x), as64(params)

@@ -14,6 +14,11 @@ f(x)`, computed operation by operation on the pair :math:`(v, \Delta v)`:
 * every other operation (``max``, ``exp``, ``rsqrt``, comparisons, ...)
   evaluates :math:`g(v + \Delta v) - g(v)` elementwise in the input dtype.
 
+A change given as :class:`OneHot` (one entry of one array, as a coordinate
+perturbation) enters a convolution kernel without a dense copy: its effect
+is one input channel convolved with a one-entry spatial kernel, placed in
+one output channel.
+
 This is the same number as evaluating :math:`f` twice and subtracting, up to
 rounding, but the rounding is relative to :math:`\Delta` rather than to the
 values: the linear and bilinear operations on differences may therefore run
@@ -125,12 +130,31 @@ class _Changed:
     self.value = value
 
 
+class OneHot:
+  """A change that is zero but for ``value`` at the flat ``index`` of an
+  array of ``shape`` (a coordinate perturbation). Operations without a rule
+  for it see it as a dense array; a convolution whose kernel changes by one
+  entry computes the change of its output from one input channel."""
+
+  def __init__(self, index: jax.Array, value: jax.Array, shape, dtype):
+    self.index, self.value = index, value
+    self.shape, self.dtype = tuple(shape), dtype
+
+  def dense(self) -> jax.Array:
+    size = 1
+    for n in self.shape:
+      size *= n
+    flat = jnp.zeros(size, self.dtype).at[self.index].set(
+        jnp.asarray(self.value, self.dtype), mode='drop')
+    return flat.reshape(self.shape)
+
+
 def _changed_value(value, change):
   if change is None:
     return value
   if isinstance(change, _Changed):
     return change.value
-  return value + change
+  return value + _difference(value, change)
 
 
 def _difference(value, change):
@@ -138,6 +162,8 @@ def _difference(value, change):
     return None
   if isinstance(change, _Changed):
     return change.value - value if _is_float(value) else None
+  if isinstance(change, OneHot):
+    return change.dense()
   return change
 
 
@@ -158,6 +184,11 @@ def _apply(eqn, values, changes, precision):
   base = _bind(eqn, values)
   if all(c is None for c in changes):
     return [(b, None) for b in base]
+  if (name == 'conv_general_dilated' and changes[0] is None
+      and isinstance(changes[1], OneHot)
+      and eqn.params['feature_group_count'] == 1
+      and eqn.params['batch_group_count'] == 1):
+    return [(base[0], _conv_one_kernel_entry(eqn, values[0], changes[1]))]
   diffs = [_difference(v, c) for v, c in zip(values, changes)]
   exact = all(_is_float(b) for b in base) and not any(
       isinstance(c, _Changed) for c in changes)
@@ -196,6 +227,30 @@ def _apply(eqn, values, changes, precision):
   changed = _bind(eqn, [_changed_value(v, c) for v, c in zip(values, changes)])
   return [(b, (n - b) if _is_float(b) else _Changed(n))
           for b, n in zip(base, changed)]
+
+
+def _conv_one_kernel_entry(eqn, lhs, change: OneHot) -> jax.Array:
+  """``conv(lhs, change)`` for a kernel change at one entry ``(o, i, k...)``:
+  input channel ``i`` convolved with a one-entry spatial kernel, placed in
+  output channel ``o`` (a depthwise product instead of a full convolution).
+  """
+  lhs_spec, rhs_spec, out_spec = eqn.params['dimension_numbers']
+  position = jnp.unravel_index(change.index, change.shape)
+  out_channel, in_channel = position[rhs_spec[0]], position[rhs_spec[1]]
+  channel = lax.dynamic_slice_in_dim(lhs, in_channel, 1, axis=lhs_spec[1])
+  kernel_shape = list(change.shape)
+  kernel_shape[rhs_spec[0]] = kernel_shape[rhs_spec[1]] = 1
+  entry = list(position)
+  entry[rhs_spec[0]] = entry[rhs_spec[1]] = 0
+  kernel = jnp.zeros(kernel_shape, lhs.dtype).at[tuple(entry)].set(
+      jnp.asarray(change.value, lhs.dtype))
+  out = _bind(eqn, [channel, kernel],
+              precision=(lax.Precision.HIGHEST, lax.Precision.HIGHEST))[0]
+  num_out = change.shape[rhs_spec[0]]
+  selector_shape = [1] * out.ndim
+  selector_shape[out_spec[1]] = num_out
+  selector = (jnp.arange(num_out) == out_channel).astype(out.dtype)
+  return out * selector.reshape(selector_shape)
 
 
 def _bilinear(eqn, values, diffs, precision):

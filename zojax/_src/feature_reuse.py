@@ -44,7 +44,7 @@ import numpy as np
 from zojax._src import checks
 from zojax._src import parallel
 from zojax._src.base import EstimatorState, ZerothOrderTransform
-from zojax._src.difference import PRECISIONS, propagate
+from zojax._src.difference import PRECISIONS, OneHot, propagate
 from zojax._src.finite_differences import DIFFERENCES, evals_per_step
 from zojax._src.perturbable import Mask, check_params, resolve_mask
 from zojax._src.stats import EstimateStats
@@ -88,7 +88,7 @@ def feature_reuse_cge(
   trace it under ``jax.default_matmul_precision('highest')``, since TF32
   rounding swamps forward differences at small ``sigma``. On one H100,
   ResNet-20, 28,217 coordinates, batch 256 (``experiments/bench_deepzero.py``):
-  2.6-2.7 s per step by default, 7.0 s subtracting in float32, both with
+  2.6 s per step by default, 7.0 s subtracting in float32, both with
   cosine 0.9999 to the true gradient; subtracting in TF32 takes 2.3 s but
   its cosine falls to 0.96-0.98.
 
@@ -340,8 +340,8 @@ def _leaf_changes(stages, loss, params, hidden, batch, leaf: _Leaf,
   else:
 
     def change(coordinate, step_size):
-      delta = jnp.zeros(leaf.size, original.dtype).at[coordinate].set(
-          step_value(step_size), mode='drop').reshape(leaf.shape)
+      delta = OneHot(coordinate, step_value(step_size), leaf.shape,
+                     original.dtype)
       return propagate(objective, (original,), (delta,),
                        difference_precision)[1]
 
