@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-from zojax._src.feature_reuse import feature_reuse_cge
+from zojax._src.feature_reuse import apply_stages, feature_reuse_cge
 
 __all__ = ('apply_stages', 'feature_reuse_cge', 'init_stages',
            'module_stages')
@@ -48,11 +48,3 @@ def init_stages(modules: Sequence[nn.Module], key: jax.Array,
     params.append(variables['params'])
     x = module.apply(variables, x)
   return tuple(params)
-
-
-def apply_stages(stages: Sequence[Callable[[Any, Any], Any]],
-                 params: Sequence[Any], x: Any) -> Any:
-  """The model's output: the stages applied in order."""
-  for stage, stage_params in zip(stages, params):
-    x = stage(stage_params, x)
-  return x

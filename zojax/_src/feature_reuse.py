@@ -184,12 +184,14 @@ def feature_reuse_cge(
       hidden = [inputs(batch)]
       for stage, stage_params in zip(stages, params):
         hidden.append(stage(stage_params, hidden[-1]))
-      base = objective_value(loss(hidden[-1], batch))
+      local_base = jnp.asarray(loss(hidden[-1], batch), jnp.float32)
+      base = objective_value(local_base)
       estimates, totals = [], []
       for leaf, coords in zip(info.leaves, coordinates):
         local = _local_share(coords, leaf.size, plan)
-        changes = _leaf_changes(stages, loss, params, hidden, batch, leaf,
-                                local, steps, batch_size, difference_precision)
+        changes = _leaf_changes(stages, loss, params, hidden, batch,
+                                local_base, leaf, local, steps, batch_size,
+                                difference_precision)
         # per-query pmean over the data axis (the mean of the changes is the
         # change of the mean)
         changes = objective_value(changes)
@@ -243,21 +245,18 @@ class _Layout:
   @classmethod
   def build(cls, params, mask: Mask) -> '_Layout':
     resolved = resolve_mask(mask, tuple(params))
-    leaves, base_masks, flat_index = [], [], 0
-    for stage, stage_params in enumerate(params):
-      for index, leaf in enumerate(jax.tree.leaves(stage_params)):
-        m = resolved[flat_index]
-        flat_index += 1
-        if m is False:
-          continue
-        if isinstance(m, jax.core.Tracer):
-          raise ValueError(
-              'feature_reuse_cge perturbs every masked-in coordinate, so the '
-              'construction mask must be concrete (not computed from traced '
-              'values); compute it once outside jit.')
-        count = int(np.size(leaf)) if m is True else int(np.asarray(m).sum())
-        leaves.append(_Leaf(stage, index, tuple(np.shape(leaf)), count))
-        base_masks.append(m)
+    leaves, base_masks = [], []
+    for (stage, index, leaf), m in zip(_stage_leaves(params), resolved):
+      if m is False:
+        continue
+      if isinstance(m, jax.core.Tracer):
+        raise ValueError(
+            'feature_reuse_cge perturbs every masked-in coordinate, so the '
+            'construction mask must be concrete (not computed from traced '
+            'values); compute it once outside jit.')
+      count = int(np.size(leaf)) if m is True else int(np.asarray(m).sum())
+      leaves.append(_Leaf(stage, index, tuple(np.shape(leaf)), count))
+      base_masks.append(m)
     if not leaves:
       raise ValueError('the mask freezes every parameter: nothing to estimate.')
     return cls(leaves, base_masks)
@@ -270,12 +269,8 @@ class _Layout:
           jnp.asarray(np.flatnonzero(np.asarray(m)), jnp.int32)
           for leaf, m in zip(self.leaves, self.base_masks))
     resolved = resolve_mask(override, tuple(params))
-    by_position = {}
-    flat_index = 0
-    for stage, stage_params in enumerate(params):
-      for index in range(len(jax.tree.leaves(stage_params))):
-        by_position[(stage, index)] = resolved[flat_index]
-        flat_index += 1
+    by_position = {(stage, index): m for (stage, index, _), m in
+                   zip(_stage_leaves(params), resolved)}
     out = []
     for leaf in self.leaves:
       m = by_position[(leaf.stage, leaf.index)]
@@ -309,13 +304,21 @@ class _Layout:
     return type(params)(out)
 
 
-def _leaf_changes(stages, loss, params, hidden, batch, leaf: _Leaf,
+def _stage_leaves(params) -> list[tuple[int, int, Any]]:
+  """``(stage, index in the stage, leaf)`` of every leaf of the stage params,
+  in the flattening order of the tuple."""
+  return [(stage, index, leaf) for stage, stage_params in enumerate(params)
+          for index, leaf in enumerate(jax.tree.leaves(stage_params))]
+
+
+def _leaf_changes(stages, loss, params, hidden, batch, base, leaf: _Leaf,
                   coordinates: jax.Array, steps, batch_size,
                   difference_precision) -> jax.Array:
   """Objective changes ``f(θ + s e_j) - f(θ)``, shape ``(len(coordinates),
   len(steps))``, of one leaf's queries, each from the cached input of the
-  leaf's stage: two evaluations subtracted, or with ``difference_precision``
-  the change propagated by :func:`zojax._src.difference.propagate`."""
+  leaf's stage: the perturbed value minus ``base`` (= f(θ) on this device's
+  batch), or with ``difference_precision`` the change propagated by
+  :func:`zojax._src.difference.propagate`."""
   stage_leaves, treedef = jax.tree.flatten(params[leaf.stage])
   original = stage_leaves[leaf.index]
   step_sizes = jnp.asarray(steps, jnp.float32)
@@ -331,7 +334,6 @@ def _leaf_changes(stages, loss, params, hidden, batch, leaf: _Leaf,
 
   step_value = lambda s: s.astype(original.dtype)
   if difference_precision is None:
-    base = objective(original)
 
     def change(coordinate, step_size):
       perturbed = jnp.ravel(original).at[coordinate].add(
@@ -370,11 +372,15 @@ def _local_share(coordinates: jax.Array, size: int,
   return jax.lax.dynamic_slice_in_dim(coordinates, first, per_device)
 
 
-def _check_scalar_loss(stages, loss, inputs, params, batch) -> None:
-  def objective(p):
-    h = inputs(batch)
-    for stage, stage_params in zip(stages, p):
-      h = stage(stage_params, h)
-    return loss(h, batch)
+def apply_stages(stages: Sequence[Stage], params: Sequence[Any],
+                 x: Any) -> Any:
+  """The model's output: the stages applied in order."""
+  for stage, stage_params in zip(stages, params):
+    x = stage(stage_params, x)
+  return x
 
-  checks.check_scalar_objective(objective, tuple(params))
+
+def _check_scalar_loss(stages, loss, inputs, params, batch) -> None:
+  checks.check_scalar_objective(
+      lambda p: loss(apply_stages(stages, p, inputs(batch)), batch),
+      tuple(params))
