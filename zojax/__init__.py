@@ -16,6 +16,9 @@ from zojax._src.cge import cge
 from zojax._src.conservative import ConservativeState
 from zojax._src.conservative import conservative_selection
 from zojax._src.forward_gradient import forward_gradient
+from zojax._src.mezo import MeZOState
+from zojax._src.mezo import MeZOTransform
+from zojax._src.mezo import mezo
 from zojax._src.optimizers import forward_grad
 from zojax._src.optimizers import zo_adam
 from zojax._src.optimizers import zo_sgd
@@ -39,6 +42,8 @@ __all__ = (
     'EstimateInfo',
     'EstimateStats',
     'EstimatorState',
+    'MeZOState',
+    'MeZOTransform',
     'ZerothOrderTransform',
     'black_box',
     'cbo',
@@ -51,6 +56,7 @@ __all__ = (
     'diagnostics',
     'flax',
     'masks',
+    'mezo',
     'models',
     'parallel',
     'sparsity',

@@ -107,3 +107,82 @@ def count_selected(mask, params) -> int:
   for leaf, m in zip(jax.tree.leaves(params), resolve_mask(mask, params)):
     total += int(jnp.size(leaf)) if m is True else int(jnp.sum(m))
   return total
+
+
+class MagnitudeThresholds:
+  r"""Sparse MeZO's mask: the entries with :math:`|\theta| \le h_l`.
+
+  A mask rule (``params -> boolean arrays``, usable wherever zojax takes a
+  mask) that holds only the thresholds :math:`h_l`: one per leaf, or one per
+  slice along the leading axis for stacked layers. :func:`zojax.mezo`
+  recognises it and evaluates :math:`|\theta| \le h_l` on the fly, slice by
+  slice inside the forward and in the update, so no mask is stored. Build it
+  with :func:`sparse_mezo`.
+
+  Attributes:
+    thresholds: a pytree like the params: a scalar (or a vector with one
+      value per leading-axis slice) per leaf.
+  """
+
+  def __init__(self, thresholds):
+    self.thresholds = thresholds
+
+  def per_leaf(self, params) -> list[jax.Array]:
+    """The thresholds in the flattening order of ``params`` (checked)."""
+    leaves, treedef = jax.tree.flatten(params)
+    h_leaves, h_treedef = jax.tree.flatten(self.thresholds)
+    if h_treedef != treedef:
+      raise ValueError('sparse_mezo thresholds were computed for params of a '
+                       'different structure.')
+    for path, leaf, h in zip(leaf_paths(params), leaves, h_leaves):
+      if jnp.ndim(h) not in (0, 1) or (jnp.ndim(h) == 1 and
+                                       jnp.shape(h)[0] != jnp.shape(leaf)[0]):
+        raise ValueError(f'threshold of {path!r} has shape {jnp.shape(h)}; '
+                         'expected () or (leading axis of the leaf,).')
+    return h_leaves
+
+  def __call__(self, params):
+    leaves, treedef = jax.tree.flatten(params)
+
+    def leaf_mask(leaf, h):
+      h = jnp.reshape(h, jnp.shape(h) + (1,) * (leaf.ndim - jnp.ndim(h)))
+      return jnp.abs(leaf) <= h.astype(leaf.dtype)
+
+    return jax.tree.unflatten(
+        treedef, [leaf_mask(x, h) for x, h in zip(leaves, self.per_leaf(params))])
+
+
+def sparse_mezo(params, sparsity: float, *,
+                stacked: Union[str, None] = None) -> MagnitudeThresholds:
+  r"""Sparse MeZO's per-layer magnitude thresholds (Liu et al., 2024).
+
+  :math:`h_l` is the :math:`(1 - s)`-quantile of :math:`|\theta_l|` in each
+  layer :math:`l`, so a fraction ``sparsity`` :math:`s` of the largest
+  weights is frozen and the small ones are perturbed and updated. The
+  thresholds stay fixed; the mask :math:`|\theta_t| \le h_l` follows the
+  parameters as they move.
+
+  Args:
+    params: the (pre-trained) parameters to compute the thresholds on.
+    sparsity: fraction of each layer frozen, in [0, 1).
+    stacked: regex of leaf paths whose leading axis stacks layers (e.g.
+      ``'blocks'`` for :class:`zojax.models.Decoder`): one threshold per
+      slice. Other leaves get one threshold each.
+
+  Returns:
+    A :class:`MagnitudeThresholds` mask rule.
+  """
+  if not 0.0 <= sparsity < 1.0:
+    raise ValueError(f'sparsity must be in [0, 1), got {sparsity}.')
+  pattern = re.compile(stacked) if stacked else None
+
+  def threshold(path, leaf):
+    magnitude = jnp.abs(jnp.asarray(leaf, jnp.float32))
+    if pattern is not None and pattern.search(path) and magnitude.ndim >= 1:
+      rows = magnitude.reshape(magnitude.shape[0], -1)
+      return jnp.quantile(rows, 1.0 - sparsity, axis=1)
+    return jnp.quantile(magnitude, 1.0 - sparsity)
+
+  leaves, treedef = jax.tree.flatten(params)
+  return MagnitudeThresholds(jax.tree.unflatten(
+      treedef, [threshold(p, x) for p, x in zip(leaf_paths(params), leaves)]))

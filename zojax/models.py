@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -159,6 +159,116 @@ class ResNet20(nn.Module):
     for stage in self.stages():
       x = stage(x)
     return x
+
+
+class DecoderBlock(nn.Module):
+  """A pre-norm transformer decoder layer: causal multi-head self-attention
+  and a GELU MLP, each with a residual connection."""
+
+  num_heads: int
+  d_ff: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, width = x.shape
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    norm = lambda name: nn.LayerNorm(dtype=self.dtype,
+                                     param_dtype=self.param_dtype, name=name)
+    qkv = dense(3 * width, 'qkv')(norm('attn_norm')(x))
+    q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, -1), 3,
+                        axis=2)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    x = x + dense(width, 'out')(attended.reshape(batch, length, width))
+    hidden = nn.gelu(dense(self.d_ff, 'up')(norm('mlp_norm')(x)))
+    return x + dense(width, 'down')(hidden)
+
+
+class Decoder(nn.Module):
+  r"""A decoder-only transformer (GPT/OPT style) with stacked, scanned layers.
+
+  Token and learned position embeddings, ``num_layers`` pre-norm
+  :class:`DecoderBlock` s whose parameters are stacked along a leading axis
+  (the ``'blocks'`` subtree) and run by ``lax.scan``, a final LayerNorm and
+  an output layer tied to the token embedding. About
+  :math:`12 L d^2 + (V + T) d` parameters.
+
+  ``__call__(tokens, perturbation=None)``: with a
+  :class:`zojax._src.seeded_noise.Perturbation` (given by
+  :func:`zojax.mezo` to its ``perturbed_fn``), every part is perturbed right
+  before it is used, each layer inside the scan, so a MeZO step holds one
+  perturbed layer at a time (the memory of inference).
+
+  Attributes:
+    vocab_size, num_layers, d_model, num_heads: the usual sizes.
+    d_ff: MLP width (default ``4 * d_model``).
+    max_len: longest sequence (size of the position table).
+    dtype: computation dtype; param_dtype: parameter dtype.
+  """
+
+  vocab_size: int = 64
+  num_layers: int = 2
+  d_model: int = 64
+  num_heads: int = 4
+  d_ff: Optional[int] = None
+  max_len: int = 64
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def block(self) -> DecoderBlock:
+    return DecoderBlock(self.num_heads, self.d_ff or 4 * self.d_model,
+                        self.dtype, self.param_dtype)
+
+  @nn.nowrap
+  def _norm(self) -> nn.LayerNorm:
+    return nn.LayerNorm(dtype=self.dtype, param_dtype=self.param_dtype)
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, perturbation=None) -> jax.Array:
+    length = tokens.shape[1]
+    probe = jnp.zeros((1, 1, self.d_model), self.dtype)
+    embed = self.param('embed', nn.initializers.normal(0.02),
+                       (self.vocab_size, self.d_model), self.param_dtype)
+    pos = self.param('pos', nn.initializers.normal(0.02),
+                     (self.max_len, self.d_model), self.param_dtype)
+    blocks = self.param('blocks', lambda k: jax.vmap(
+        lambda kl: self.block().init(kl, probe)['params'])(
+            jax.random.split(k, self.num_layers)))
+    final_norm = self.param('final_norm', lambda k: self._norm().init(
+        k, probe)['params'])
+
+    if perturbation is None:
+      x = jnp.take(embed, tokens, axis=0)
+    else:  # only the looked-up rows of the table are perturbed
+      x = perturbation.rows(embed, 'embed', tokens)
+      pos = perturbation.tree(pos, 'pos')
+      final_norm = perturbation.tree(final_norm, 'final_norm')
+    x = (x + pos[:length][None]).astype(self.dtype)
+
+    def layer(x, inputs):
+      layer_params, index = inputs
+      if perturbation is not None:
+        layer_params = perturbation.layer(layer_params, 'blocks', index)
+      return self.block().apply({'params': layer_params}, x), None
+
+    x, _ = jax.lax.scan(layer, x, (blocks, jnp.arange(self.num_layers)))
+    x = self._norm().apply({'params': final_norm}, x)
+    if perturbation is None:
+      return jnp.einsum('btd,vd->btv', x, embed.astype(self.dtype))
+    return perturbation.matmul_transposed(x, embed, 'embed')
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Mean cross-entropy of predicting ``tokens[:, t + 1]`` from
+  ``logits[:, t]`` (computed in float32, without copying the logits)."""
+  length = tokens.shape[1]
+  per_token = optax.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), jnp.roll(tokens, -1, axis=1))
+  weights = jnp.arange(length) < length - 1
+  return jnp.sum(per_token * weights) / (tokens.shape[0] * (length - 1))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
