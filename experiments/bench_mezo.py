@@ -153,9 +153,7 @@ def largest_layers(args, method: str, limit_gib: float) -> dict:
     layers -= 1
   while peak(layers + 1) <= limit_gib:
     layers += 1
-  model = decoder(args, max(layers, 1))
-  params = models.num_params(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']))
+  params = models.num_params(param_shapes(decoder(args, max(layers, 1))))
   return {'layers': layers, 'params_billion': params / 1e9 if layers else 0.0,
           'peak_per_layer_gib': (p6 - p2) / 4}
 
@@ -196,8 +194,7 @@ def main():
     return worker(args)
 
   model = decoder(args)
-  num_params = models.num_params(jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']))
+  num_params = models.num_params(param_shapes(model))
   print(f'Decoder: {args.layers} layers, d={args.d_model}, vocab '
         f'{args.vocab}: {num_params / 1e9:.3f}B params, {args.dtype}; batch '
         f'{args.batch}x{args.seq}; backend {jax.default_backend()}')

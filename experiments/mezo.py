@@ -36,6 +36,7 @@ import optax
 
 import zojax
 from bench_mezo import compiled_memory
+from bench_mezo import param_shapes
 from harness import run_arguments
 from zojax import masks
 from zojax import models
@@ -64,8 +65,7 @@ def memory_table(sizes, methods) -> list[dict]:
     model = models.Decoder(vocab_size=MemoryArgs.vocab, num_layers=layers,
                            d_model=width, num_heads=max(1, width // 128),
                            max_len=MemoryArgs.seq)
-    params = models.num_params(jax.eval_shape(lambda m=model: m.init(
-        jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params']))
+    params = models.num_params(param_shapes(model))
     row = {'layers': layers, 'width': width, 'params': params}
     for method in methods:
       row[method] = compiled_memory(model, method, MemoryArgs)['peak']

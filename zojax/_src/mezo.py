@@ -219,10 +219,11 @@ def mezo(
           'would be noise the loss never saw. Perturb every trained leaf '
           '(or freeze it with mask=).')
 
-  def _step(params, state, obj_fn, perturbed_fn, batch, write):
+  def _step(params, state, obj_fn, perturbed_fn, batch, write, frozen):
     r"""Evaluates L+ and L-, then rewrites every trained leaf, block by
     block, as ``write(values, change)`` with ``change`` =
-    :math:`\eta(g z + \lambda\theta)` on that block."""
+    :math:`\eta(g z + \lambda\theta)` on that block, and every frozen leaf
+    as ``frozen(leaf)``."""
     if batch is not None:
       obj_fn = None if obj_fn is None else (lambda p, f=obj_fn: f(p, batch))
       perturbed_fn = None if perturbed_fn is None else (
@@ -267,7 +268,7 @@ def mezo(
 
     leaves, treedef = jax.tree.flatten(params)
     new_leaves = [
-        leaf if selections[path].frozen else rewrite(path, leaf)
+        frozen(leaf) if selections[path].frozen else rewrite(path, leaf)
         for path, leaf in zip(leaf_paths(params), leaves)]
     stats = state.stats.record((loss_plus + loss_minus) / 2, finite)
     return (jax.tree.unflatten(treedef, new_leaves),
@@ -275,21 +276,16 @@ def mezo(
 
   def step(params, state, *, obj_fn=None, perturbed_fn=None, batch=None):
     return _step(params, state, obj_fn, perturbed_fn, batch,
-                 lambda values, change: values - change)
+                 write=lambda values, change: values - change,
+                 frozen=lambda leaf: leaf)
 
   def update(updates, state, params=None, *, obj_fn=None, perturbed_fn=None,
              batch=None, **extra_args):
     del updates, extra_args
     if params is None:
       raise ValueError('mezo: params must be passed to update().')
-    changes, state = _step(params, state, obj_fn, perturbed_fn, batch,
-                           lambda values, change: -change)
-    # _step passes frozen leaves through unchanged: their update is zero.
-    selections = _selections(params)
-    leaves, treedef = jax.tree.flatten(changes)
-    return jax.tree.unflatten(treedef, [
-        jnp.zeros_like(c) if selections[p].frozen else c
-        for p, c in zip(leaf_paths(params), leaves)]), state
+    return _step(params, state, obj_fn, perturbed_fn, batch,
+                 write=lambda values, change: -change, frozen=jnp.zeros_like)
 
   return MeZOTransform(init, update, step)
 
