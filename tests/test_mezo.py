@@ -149,6 +149,28 @@ class MeZOTest(parameterized.TestCase):
     self.assertEqual(info.num_evals, 2)
     self.assertAlmostEqual(info.value, float((plus + minus) / 2), places=5)
 
+  def test_several_queries_average_their_regenerated_directions(self):
+    params = {'w': jnp.linspace(-1.0, 1.0, 12).reshape(4, 3),
+              'b': jnp.ones(3)}
+    obj_fn = lambda p: (jnp.sum(jnp.sin(p['w']) @ p['b']) +
+                        jnp.sum(p['b'] ** 2))
+    sigma = 1e-2
+    tx = zojax.mezo(LR, sigma, num_queries=3)
+    state = tx.init(params)
+    new, new_state = jax.jit(lambda p, s: tx.step(p, s, obj_fn=obj_fn))(
+        params, state)
+    _, step_key = jax.random.split(state.key)
+    expected = jax.tree.map(jnp.zeros_like, params)
+    for query_key in jax.random.split(step_key, 3):
+      z = _stored_z(params, query_key)
+      g = (obj_fn(_shift(params, z, sigma)) -
+           obj_fn(_shift(params, z, -sigma))) / (2 * sigma)
+      expected = {k: expected[k] - LR / 3 * g * z[k] for k in params}
+    for k in params:
+      np.testing.assert_allclose(new[k] - params[k], expected[k], rtol=1e-3,
+                                 atol=1e-7)
+    self.assertEqual(zojax.estimate_info(new_state).num_evals, 6)
+
   def test_same_seed_same_trajectory_and_schedule(self):
     params = {'w': jnp.ones((4, 3)), 'b': jnp.zeros(3)}
     obj_fn = lambda p: (jnp.sum(jnp.sin(p['w']) @ p['b']) +
@@ -254,6 +276,8 @@ class MeZOTest(parameterized.TestCase):
         zojax.mezo(LR, bad)
     with self.assertRaisesRegex(ValueError, 'weight_decay'):
       zojax.mezo(LR, weight_decay=-1.0)
+    with self.assertRaisesRegex(ValueError, 'num_queries'):
+      zojax.mezo(LR, num_queries=0)
     tx = zojax.mezo(LR)
     state = tx.init(params)
     with self.assertRaisesRegex(ValueError, 'exactly one'):

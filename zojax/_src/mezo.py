@@ -94,6 +94,7 @@ class MeZOTransform(optax.GradientTransformationExtraArgs):
 def mezo(
     learning_rate: optax.ScalarOrSchedule,
     sigma: float = 1e-3,
+    num_queries: int = 1,
     *,
     weight_decay: float = 0.0,
     no_decay: Optional[str] = NO_DECAY,
@@ -118,6 +119,10 @@ def mezo(
   Args:
     learning_rate: :math:`\eta`, a float or an optax schedule.
     sigma: :math:`\epsilon` (MeZO's default 1e-3).
+    num_queries: :math:`q` two-point queries per step (MeZO's :math:`n`;
+      default 1), evaluated one after the other; the step is
+      :math:`-\eta(\frac1q\sum_i g_i z_i + \lambda\theta)`, each
+      :math:`z_i` regenerated from its own key.
     weight_decay: :math:`\lambda` (decoupled from :math:`g`, as MeZO's code).
     no_decay: regex of leaf paths without weight decay (default: biases,
       norms, scales, as MeZO's ``bias``/``layer_norm`` rule); None decays all.
@@ -135,8 +140,9 @@ def mezo(
     seed: int seed or PRNG key.
 
   Returns:
-    A :class:`MeZOTransform`. Two evaluations per step;
-    ``zojax.estimate_info(state).value`` is :math:`(L_+ + L_-)/2`. If
+    A :class:`MeZOTransform`. :math:`2q` evaluations per step;
+    ``zojax.estimate_info(state).value`` is the mean of :math:`(L_+ +
+    L_-)/2`. If
     :math:`g` is not finite the step changes nothing (counted as skipped).
 
   References:
@@ -144,6 +150,7 @@ def mezo(
     (MeZO), NeurIPS 2023; Liu et al., Sparse MeZO, 2024.
   """
   checks.validate_sigma(sigma)
+  checks.validate_positive_int('num_queries', num_queries)
   if weight_decay < 0:
     raise ValueError(f'weight_decay must be >= 0, got {weight_decay!r}.')
   schedule = learning_rate if callable(learning_rate) else (
@@ -155,7 +162,7 @@ def mezo(
     check_params(params)
     _selections(params)  # mask errors at construction of the state
     return MeZOState(key=key_from_seed(seed), count=jnp.zeros((), jnp.int32),
-                     stats=EstimateStats.create(2))
+                     stats=EstimateStats.create(2 * num_queries))
 
   def _selections(params, count=0) -> dict[str, LeafSelection]:
     paths = leaf_paths(params)
@@ -232,20 +239,40 @@ def mezo(
     block_size = _block_size(params)
     key, step_key = jax.random.split(state.key)
     _check(params, step_key, selections, obj_fn, perturbed_fn)
-    loss_plus, _ = _loss_at(params, step_key, sigma, selections, obj_fn,
-                            perturbed_fn)
-    # The second forward's scale depends on L+ (0 * L+ is not folded away:
-    # it would be NaN for a NaN L+), so it starts after the first forward
-    # ends and their activations are never alive together. (An
-    # optimization_barrier does not survive XLA's CPU pipeline.)
-    minus_scale = -sigma + 0.0 * loss_plus.astype(jnp.float32)
-    loss_minus, _ = _loss_at(params, step_key, minus_scale, selections,
-                             obj_fn, perturbed_fn)
+    query_keys = (step_key[None] if num_queries == 1 else
+                  jax.random.split(step_key, num_queries))
+
+    def two_point(query_key):
+      loss_plus, _ = _loss_at(params, query_key, sigma, selections, obj_fn,
+                              perturbed_fn)
+      # The second forward's scale depends on L+ (0 * L+ is not folded
+      # away: it would be NaN for a NaN L+), so it starts after the first
+      # forward ends and their activations are never alive together. (An
+      # optimization_barrier does not survive XLA's CPU pipeline.)
+      minus_scale = -sigma + 0.0 * loss_plus.astype(jnp.float32)
+      loss_minus, _ = _loss_at(params, query_key, minus_scale, selections,
+                               obj_fn, perturbed_fn)
+      return loss_plus, loss_minus
+
+    if num_queries == 1:
+      loss_plus, loss_minus = jax.tree.map(lambda x: x[None],
+                                           two_point(step_key))
+    else:  # one query after the other: the memory of one
+      loss_plus, loss_minus = jax.lax.map(two_point, query_keys)
     projected = (loss_plus - loss_minus) / (2 * sigma)
-    finite = jnp.isfinite(projected)
+    finite = jnp.all(jnp.isfinite(projected))
     # A non-finite step changes nothing: zero learning rate, zero gradient.
     lr = jnp.where(finite, schedule(state.count), 0.0)
-    projected = jnp.where(finite, projected, 0.0)
+    projected = jnp.where(finite, projected, 0.0) / num_queries
+
+    def noise_sum(path, trailing, prefix, rows, dtype):
+      """(1/q) sum_i g_i z_i on one block, each z_i regenerated."""
+      draw = lambda i: projected[i] * block_noise(
+          query_keys[i], path, trailing, prefix, rows, dtype)
+      if num_queries == 1:
+        return draw(0)
+      return jax.lax.fori_loop(1, num_queries,
+                               lambda i, total: total + draw(i), draw(0))
 
     def rewrite(path, leaf):
       selection = selections[path]
@@ -254,8 +281,7 @@ def mezo(
       trailing = leaf.shape[1:] if leaf.ndim else None
 
       def block(values, prefix, rows):
-        direction = projected * block_noise(step_key, path, trailing, prefix,
-                                            rows, dtype)
+        direction = noise_sum(path, trailing, prefix, rows, dtype)
         if decay:
           direction = direction + weight_decay * values
         change = (lr * direction).astype(dtype)
@@ -270,7 +296,8 @@ def mezo(
     new_leaves = [
         frozen(leaf) if selections[path].frozen else rewrite(path, leaf)
         for path, leaf in zip(leaf_paths(params), leaves)]
-    stats = state.stats.record((loss_plus + loss_minus) / 2, finite)
+    stats = state.stats.record(jnp.mean((loss_plus + loss_minus) / 2),
+                               finite)
     return (jax.tree.unflatten(treedef, new_leaves),
             MeZOState(key, state.count + 1, stats))
 
