@@ -213,11 +213,7 @@ def mezo(
                                     perturbed_fn)
       return loss
 
-    out = jax.eval_shape(trace, params)
-    if getattr(out, 'shape', None) != () or not jnp.issubdtype(
-        out.dtype, jnp.floating):
-      raise ValueError('mezo: the objective must return a floating-point '
-                       f'scalar; it returned {out}.')
+    checks.check_scalar_objective(trace, params)
     missing = [p for p, s in selections.items()
                if not s.frozen and p not in perturbation.used]
     if missing:
@@ -284,10 +280,8 @@ def mezo(
         direction = noise_sum(path, trailing, prefix, rows, dtype)
         if decay:
           direction = direction + weight_decay * values
-        change = (lr * direction).astype(dtype)
-        mask = selection.mask(values, prefix, rows)
-        if mask is not None:
-          change = jnp.where(mask, change, jnp.zeros((), dtype))
+        change = selection.restrict((lr * direction).astype(dtype), values,
+                                    prefix, rows)
         return write(values, change)
 
       return map_blocks(block, leaf, block_size=block_size)

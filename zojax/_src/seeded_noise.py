@@ -216,6 +216,12 @@ class LeafSelection:
     in_block = jnp.broadcast_to(in_block, values.shape)
     return in_block if mask is None else jnp.logical_and(mask, in_block)
 
+  def restrict(self, x: jax.Array, values: jax.Array, prefix: Index,
+               rows: jax.Array) -> jax.Array:
+    """``x`` (shaped like ``values``) zeroed outside the mask of ``values``."""
+    mask = self.mask(values, prefix, rows)
+    return x if mask is None else jnp.where(mask, x, jnp.zeros((), x.dtype))
+
   def _entries(self, values, prefix, rows):
     if self.threshold is not None:
       h = self.threshold
@@ -278,9 +284,7 @@ class Perturbation:
     dtype = jnp.result_type(values)
     step = jnp.asarray(self.scale, dtype) * block_noise(
         self.key, path, trailing, prefix, rows, dtype)
-    mask = selection.mask(values, prefix, rows)
-    return step if mask is None else jnp.where(mask, step,
-                                               jnp.zeros((), dtype))
+    return selection.restrict(step, values, prefix, rows)
 
   def _shift(self, path: str, value: jax.Array, prefix: Index) -> jax.Array:
     """``value + s z`` for ``value`` = ``leaf[prefix]`` (prefix: () or a
