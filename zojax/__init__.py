@@ -1,6 +1,7 @@
 """zojax: zeroth-order gradient estimators and optimizers for JAX and optax."""
 
 from zojax import data
+from zojax import federated
 from zojax import diagnostics
 from zojax import flax
 from zojax import masks
@@ -16,6 +17,8 @@ from zojax._src.cge import cge
 from zojax._src.conservative import ConservativeState
 from zojax._src.conservative import conservative_selection
 from zojax._src.forward_gradient import forward_gradient
+from zojax._src.fzoos import FZooSState
+from zojax._src.fzoos import fzoos
 from zojax._src.mezo import MeZOState
 from zojax._src.mezo import MeZOTransform
 from zojax._src.mezo import mezo
@@ -42,6 +45,7 @@ __all__ = (
     'EstimateInfo',
     'EstimateStats',
     'EstimatorState',
+    'FZooSState',
     'MeZOState',
     'MeZOTransform',
     'ZerothOrderTransform',
@@ -52,8 +56,10 @@ __all__ = (
     'estimate_info',
     'forward_grad',
     'forward_gradient',
+    'fzoos',
     'data',
     'diagnostics',
+    'federated',
     'flax',
     'masks',
     'mezo',

@@ -139,7 +139,7 @@ def run(plan: Optional[Parallelism], step: Callable[..., Any], batch: Any,
     return step(batch, *replicated)
   batch_spec = P() if plan.data_axis is None else P(plan.data_axis)
   in_specs = (batch_spec,) + (P(),) * len(replicated)
-  args = _in_layout(plan.mesh, (batch,) + replicated, in_specs)
+  args = in_layout(plan.mesh, (batch,) + replicated, in_specs)
   # check_vma=False: loops inside the step carry device-varying accumulators
   # initialised from replicated zeros; the step's psums make outputs
   # replicated.
@@ -147,7 +147,7 @@ def run(plan: Optional[Parallelism], step: Callable[..., Any], batch: Any,
                        out_specs=P(), check_vma=False)(*args)
 
 
-def _in_layout(mesh, args: tuple, specs: tuple) -> tuple:
+def in_layout(mesh, args: tuple, specs: tuple) -> tuple:
   """``args`` resharded to ``specs`` when the mesh has Explicit axes, which
   need the inputs of a ``shard_map`` in its layout first (Auto axes are
   resharded by ``shard_map`` itself)."""
@@ -237,5 +237,5 @@ def evaluate_points(
         f'devices of mesh axis {plan.query_axis!r}.')
   spec = P(plan.query_axis)
   return jax.shard_map(values_of, mesh=plan.mesh, in_specs=(spec,),
-                       out_specs=spec)(*_in_layout(plan.mesh, (points,),
+                       out_specs=spec)(*in_layout(plan.mesh, (points,),
                                                    (spec,)))
