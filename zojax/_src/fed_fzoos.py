@@ -105,6 +105,13 @@ def fzoos(
   :func:`zojax.fzoos`'s (fixed SE lengthscale, newest ``history_size``
   queries; the reference fits a Matérn kernel on the 150 nearest).
 
+  Reproducibility: the same seed gives the same run on the same devices.
+  The GP solves are near-singular (clustered queries), so float rounding
+  differences grow over rounds: splitting the clients over devices changes
+  the result at the 1e-4 level after one round, and XLA's GPU reductions are
+  not bitwise deterministic unless ``XLA_FLAGS=--xla_gpu_deterministic_ops=
+  true``.
+
   Args:
     local_steps: :math:`T`.
     num_features: :math:`M`.
