@@ -175,13 +175,10 @@ def fzoos(
     return history.add(points, values), values[0]
 
   def round_fn(params, state, client_fn, client_data):
-    dim = fed.check_round_args('fzoos', params, state.clients, client_fn,
-                               client_data, state.history.points.shape[-1])
+    dim, x, unflatten, objective, keys = fed.start_round(
+        'fzoos', params, state, client_fn, client_data, state.history.points.shape[-1])
     num_clients = state.clients.count
-    x, unflatten = fed.flatten(params)
-    objective = fed.client_objective(client_fn, unflatten)
-    keys = fed.client_keys(jax.random.fold_in(state.key, state.rounds),
-                           num_clients)
+
     def fit_shared(key, data, history, spread, x, features):
       history, value = query(lambda p: objective(p, data), history,
                              jax.random.fold_in(key, 0), x,

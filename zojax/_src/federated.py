@@ -113,8 +113,8 @@ def flatten(params) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
 
 
 def check_round_args(name: str, params, clients: Clients, client_fn,
-                     client_data, dim: Optional[int] = None) -> int:
-  """Clear errors for a round's arguments; returns :math:`d`."""
+                     client_data, dim: int) -> None:
+  """Clear errors for a round's arguments."""
   if client_fn is None:
     raise ValueError(f'{name}: round() needs client_fn(params, data_i).')
   leaves = jax.tree.leaves(client_data)
@@ -128,12 +128,34 @@ def check_round_args(name: str, params, clients: Clients, client_fn,
         f'{clients.count} (the number of clients in the state); got leading '
         f'sizes {sorted(counts, key=str)}.')
   flat, _ = flatten(params)
-  if dim is not None and flat.shape[0] != dim:
+  if flat.shape[0] != dim:
     raise ValueError(f'{name}: params have {flat.shape[0]} entries but the '
                      f'state was initialised for {dim}.')
   one_client = jax.tree.map(lambda x: x[0], client_data)
   checks.check_scalar_objective(lambda p: client_fn(p, one_client), params)
-  return flat.shape[0]
+
+
+class RoundStart(NamedTuple):
+  """What every round begins with (see :func:`start_round`)."""
+
+  dim: int
+  x: jax.Array
+  unflatten: Callable[[jax.Array], Any]
+  objective: Callable[[jax.Array, Any], jax.Array]
+  keys: jax.Array
+
+
+def start_round(name: str, params, state, client_fn, client_data,
+                dim: int) -> RoundStart:
+  """Checks a round's arguments against ``state`` (which has ``key``,
+  ``rounds`` and ``clients``), flattens ``params`` and derives the
+  clients' keys for this round."""
+  check_round_args(name, params, state.clients, client_fn, client_data, dim)
+  x, unflatten = flatten(params)
+  keys = client_keys(jax.random.fold_in(state.key, state.rounds),
+                     state.clients.count)
+  return RoundStart(dim, x, unflatten, client_objective(client_fn, unflatten),
+                    keys)
 
 
 def client_objective(client_fn, unflatten) -> Callable[[jax.Array, Any],

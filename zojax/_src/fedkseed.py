@@ -129,7 +129,9 @@ def fedkseed(
     G_j = \sum_i p_i \sum_{t: j_{i,t} = j} g_{i,t},
 
   which the server and every client rebuild from the aggregated
-  :math:`(j, G_j)` (:func:`reconstruct`): no model is ever sent.
+  :math:`(j, G_j)`: no model is ever sent. (The simulated server sums the
+  received pairs weighted by :math:`p_i`, :func:`reconstruct`, the same
+  sum.)
 
   Bytes per round: each client sends :math:`8T` (an int32 index and a
   float32 scalar per step); each receives the nonzero :math:`(j, G_j)`
@@ -189,15 +191,12 @@ def fedkseed(
         dim=jnp.zeros((flat.shape[0],), jnp.float32))
 
   def round_fn(params, state, client_fn, client_data):
-    dim = fed.check_round_args('fedkseed', params, state.clients, client_fn,
-                               client_data, state.dim.shape[0])
+    dim, x, unflatten, objective, keys = fed.start_round(
+        'fedkseed', params, state, client_fn, client_data, state.dim.shape[0])
     num_clients = state.clients.count
-    x, unflatten = fed.flatten(params)
-    objective = fed.client_objective(client_fn, unflatten)
     logits = jnp.log(seed_probabilities(state.amplitude_sum,
                                         state.amplitude_count, sampling))
-    keys = fed.client_keys(jax.random.fold_in(state.key, state.rounds),
-                           num_clients)
+
     def client(key, data, x, logits, pool_key):
       f = lambda p: objective(p, data)
 

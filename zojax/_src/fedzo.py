@@ -148,13 +148,9 @@ def fedzo(
         dim=jnp.zeros((flat.shape[0],), jnp.float32))
 
   def round_fn(params, state, client_fn, client_data):
-    dim = fed.check_round_args('fedzo', params, state.clients, client_fn,
-                               client_data, state.dim.shape[0])
+    dim, x, unflatten, objective, keys = fed.start_round(
+        'fedzo', params, state, client_fn, client_data, state.dim.shape[0])
     num_clients = state.clients.count
-    x, unflatten = fed.flatten(params)
-    objective = fed.client_objective(client_fn, unflatten)
-    keys = fed.client_keys(jax.random.fold_in(state.key, state.rounds),
-                           num_clients)
     control = state.control
     if correction == 'scaffold2':
       control, _ = layout.map(
