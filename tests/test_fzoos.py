@@ -1,5 +1,7 @@
 """Tests for zojax.fzoos and its GP / random-feature surrogates."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,8 @@ from zojax._src import surrogate
 from tests.objectives import quadratic_problem
 
 LENGTHSCALE, NOISE = 1.0, 1e-6
+mean_gradient = jax.jit(functools.partial(
+    surrogate.posterior_mean_gradient, lengthscale=LENGTHSCALE, noise=NOISE))
 
 
 def smooth(x):
@@ -42,8 +46,7 @@ class SurrogateTest(parameterized.TestCase):
   def test_posterior_mean_gradient_is_the_gradient_of_the_mean(self):
     x = jnp.linspace(-1.0, 1.0, 6)
     history = history_around(x, 12, 0.5, size=20)  # 8 empty slots
-    got = surrogate.posterior_mean_gradient(history, x, lengthscale=LENGTHSCALE,
-                                            noise=NOISE)
+    got = mean_gradient(history, x)
     want = jax.grad(lambda z: explicit_posterior_mean(history, z))(x)
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * jnp.abs(
         want).max())
@@ -53,9 +56,7 @@ class SurrogateTest(parameterized.TestCase):
     true = jax.grad(smooth)(x)
     errors = []
     for count in (4, 15, 60):
-      got = surrogate.posterior_mean_gradient(
-          history_around(x, count, 0.3), x, lengthscale=LENGTHSCALE,
-          noise=NOISE)
+      got = mean_gradient(history_around(x, count, 0.3), x)
       errors.append(float(jnp.linalg.norm(got - true) / jnp.linalg.norm(true)))
     self.assertLess(errors[-1], 0.05)
     self.assertLess(errors[-1], errors[0])
@@ -77,7 +78,8 @@ class SurrogateTest(parameterized.TestCase):
       prior = jnp.trace(jax.jacfwd(jax.grad(k, 0), 1)(c, c))
       return prior - jnp.trace(d_k.T @ jnp.linalg.solve(kernel, d_k))
 
-    np.testing.assert_allclose(got, jax.vmap(explicit)(candidates), rtol=1e-3)
+    np.testing.assert_allclose(got, jax.jit(jax.vmap(explicit))(candidates),
+                               rtol=1e-3)
 
   def test_active_queries_pick_the_least_known_directions(self):
     # History spread along the first coordinate only: candidates that step
