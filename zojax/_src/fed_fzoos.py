@@ -176,7 +176,8 @@ def fzoos(
 
   def round_fn(params, state, client_fn, client_data):
     dim, x, unflatten, objective, keys = fed.start_round(
-        'fzoos', params, state, client_fn, client_data, state.history.points.shape[-1])
+        'fzoos', params, state, client_fn, client_data,
+        state.history.points.shape[-1])
     num_clients = state.clients.count
 
     def fit_shared(key, data, history, spread, x, features):
