@@ -166,11 +166,9 @@ def fzoos(
 
   def query(f, history, key, centre, candidates, chosen, spread):
     """f at ``centre`` and at ``chosen`` active points around it."""
-    placeholder = history.add(centre[None], jnp.zeros((1,), jnp.float32))
-    active = surrogate.active_queries(
-        key, placeholder, centre, num_candidates=candidates,
-        num_chosen=chosen, radius=spread, **gp)
-    points = jnp.concatenate([centre[None], active])
+    points = surrogate.points_to_query(
+        key, history, centre, num_candidates=candidates, num_chosen=chosen,
+        radius=spread, **gp)
     values = jax.vmap(f)(points)
     return history.add(points, values), values[0]
 

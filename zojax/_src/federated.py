@@ -28,12 +28,11 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
 
 from zojax._src import checks
 from zojax._src import parallel
-from zojax._src.perturbable import check_params
+from zojax._src.perturbable import flatten_params as flatten
 
 BYTES_PER_NUMBER = 4  # float32 values and int32 indices
 
@@ -97,24 +96,10 @@ class Clients(NamedTuple):
     return jnp.tensordot(self.weights, per_client, axes=1)
 
 
-def flatten(params) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
-  """``params`` as one float32 vector, and the map back to the pytree."""
-  check_params(params)
-  flat, unravel = ravel_pytree(params)
-  dtypes = [x.dtype for x in jax.tree.leaves(params)]
-
-  def unflatten(vector):
-    tree = unravel(vector.astype(flat.dtype))
-    leaves, treedef = jax.tree.flatten(tree)
-    return jax.tree.unflatten(
-        treedef, [x.astype(t) for x, t in zip(leaves, dtypes)])
-
-  return flat.astype(jnp.float32), unflatten
-
-
-def check_round_args(name: str, params, clients: Clients, client_fn,
-                     client_data, dim: int) -> None:
-  """Clear errors for a round's arguments."""
+def check_round_args(name: str, params, size: int, clients: Clients,
+                     client_fn, client_data, dim: int) -> None:
+  """Clear errors for a round's arguments (``size``: entries of
+  ``params``; ``dim``: what the state was initialised for)."""
   if client_fn is None:
     raise ValueError(f'{name}: round() needs client_fn(params, data_i).')
   leaves = jax.tree.leaves(client_data)
@@ -127,9 +112,8 @@ def check_round_args(name: str, params, clients: Clients, client_fn,
         f'{name}: every leaf of client_data needs a leading axis of '
         f'{clients.count} (the number of clients in the state); got leading '
         f'sizes {sorted(counts, key=str)}.')
-  flat, _ = flatten(params)
-  if flat.shape[0] != dim:
-    raise ValueError(f'{name}: params have {flat.shape[0]} entries but the '
+  if size != dim:
+    raise ValueError(f'{name}: params have {size} entries but the '
                      f'state was initialised for {dim}.')
   one_client = jax.tree.map(lambda x: x[0], client_data)
   checks.check_scalar_objective(lambda p: client_fn(p, one_client), params)
@@ -150,8 +134,9 @@ def start_round(name: str, params, state, client_fn, client_data,
   """Checks a round's arguments against ``state`` (which has ``key``,
   ``rounds`` and ``clients``), flattens ``params`` and derives the
   clients' keys for this round."""
-  check_round_args(name, params, state.clients, client_fn, client_data, dim)
   x, unflatten = flatten(params)
+  check_round_args(name, params, x.shape[0], state.clients, client_fn,
+                   client_data, dim)
   keys = client_keys(jax.random.fold_in(state.key, state.rounds),
                      state.clients.count)
   return RoundStart(dim, x, unflatten, client_objective(client_fn, unflatten),

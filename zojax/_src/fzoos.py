@@ -2,17 +2,16 @@ r"""FZooS's trajectory-informed surrogate gradient as an optax transform."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from zojax._src import checks
 from zojax._src import parallel
 from zojax._src import surrogate
 from zojax._src.base import ZerothOrderTransform, key_from_seed
-from zojax._src.perturbable import check_params
+from zojax._src.perturbable import flatten_params
 from zojax._src.stats import EstimateStats
 
 
@@ -134,31 +133,28 @@ def fzoos(
   gp = dict(lengthscale=lengthscale, noise=noise)
 
   def init_fn(params):
-    check_params(params)
-    flat, _ = ravel_pytree(params)
+    flat, _ = flatten_params(params)
     return FZooSState(
         key=initial_key,
         history=surrogate.QueryHistory.empty(history_size, flat.shape[0]),
         stats=EstimateStats.create(1 + num_active))
 
   def flat_of(params, state):
-    flat, unravel = ravel_pytree(params)
+    flat, unflatten = flatten_params(params)
     if flat.shape[0] != state.history.points.shape[1]:
       raise ValueError(
           f'fzoos: params have {flat.shape[0]} entries but the state was '
           f'initialised for {state.history.points.shape[1]}.')
-    return flat.astype(jnp.float32), unravel
+    return flat, unflatten
 
   def ask_flat(key, x, history):
-    placeholder = history.add(x[None], jnp.zeros((1,), jnp.float32))
-    chosen = surrogate.active_queries(
-        key, placeholder, x, num_candidates=num_candidates,
+    return surrogate.points_to_query(
+        key, history, x, num_candidates=num_candidates,
         num_chosen=num_active, radius=radius, **gp)
-    return jnp.concatenate([x[None], chosen])
 
   def ask_fn(key, params, state):
-    x, unravel = flat_of(params, state)
-    return jax.vmap(unravel)(ask_flat(key, x, state.history))
+    x, unflatten = flat_of(params, state)
+    return jax.vmap(unflatten)(ask_flat(key, x, state.history))
 
   def tell_flat(state, x, points, values):
     values = jnp.asarray(values, jnp.float32)
@@ -171,27 +167,24 @@ def fzoos(
     return gradient, state._replace(key=key, history=history, stats=stats)
 
   def tell_fn(state, params, points, values):
-    x, unravel = flat_of(params, state)
+    x, unflatten = flat_of(params, state)
     flat_points = jax.vmap(lambda p: flat_of(p, state)[0])(points)
     gradient, state = tell_flat(state, x, flat_points, values)
-    return _cast_like(unravel(gradient), params), state
+    return unflatten(gradient), state
 
   def update_fn(updates, state, params=None, *, obj_fn=None, batch=None,
                 **extra_args):
     del updates, extra_args
     checks.check_update_args('fzoos', params, obj_fn, batch, None)
     objective = parallel.bind_objective(obj_fn, batch, None)
-    x, unravel = flat_of(params, state)
+    x, unflatten = flat_of(params, state)
     ask_key = jax.random.split(state.key)[1]
     points = ask_flat(ask_key, x, state.history)
     values = parallel.evaluate_points(
-        lambda p: objective(_cast_like(unravel(p), params)), points,
+        lambda p: objective(unflatten(p)), points,
         batch_size=batch_size)
     gradient, state = tell_flat(state, x, points, values)
-    return _cast_like(unravel(gradient), params), state
+    return unflatten(gradient), state
 
   return ZerothOrderTransform(init_fn, update_fn, ask=ask_fn, tell=tell_fn)
 
-
-def _cast_like(tree: Any, like: Any) -> Any:
-  return jax.tree.map(lambda x, ref: x.astype(ref.dtype), tree, like)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 Mask = Any  # pytree of bools / bool arrays, or a callable params -> such a pytree
 LeafMask = Any  # True, or a boolean array broadcastable to its leaf
@@ -44,6 +45,22 @@ def check_params(params) -> None:
       raise ValueError(
           f'zeroth-order estimators perturb floating-point parameters; leaf '
           f'{path!r} has dtype {dtype}. Keep integer state out of params.')
+
+
+def flatten_params(params) -> tuple[jax.Array, Callable[[jax.Array], Any]]:
+  """``params`` as one float32 vector, and the map back to a pytree with
+  ``params``' structure and dtypes (for estimators that work on flat
+  vectors: GP surrogates, federated simulations)."""
+  check_params(params)
+  flat, unravel = ravel_pytree(params)
+  dtypes = [x.dtype for x in jax.tree.leaves(params)]
+
+  def unflatten(vector):
+    leaves, treedef = jax.tree.flatten(unravel(vector.astype(flat.dtype)))
+    return jax.tree.unflatten(
+        treedef, [x.astype(t) for x, t in zip(leaves, dtypes)])
+
+  return flat.astype(jnp.float32), unflatten
 
 
 def _is_concrete(x) -> bool:

@@ -85,6 +85,7 @@ class _Fit(NamedTuple):
   """The GP fitted around a centre ``x``: what every query at ``x`` needs."""
 
   offsets: jax.Array      # (H, d) history points minus the centre
+  gram: jax.Array         # (H, H) their inner products
   sq_norms: jax.Array     # (H,) squared norms of the offsets
   inverse: jax.Array      # (H, H) (K + s^2 I)^-1 on valid slots
   weights: jax.Array      # (H,) alpha = (K + s^2 I)^-1 y (normalised y)
@@ -122,7 +123,7 @@ def fit(history: QueryHistory, centre: jax.Array, lengthscale: float,
   kernel = jnp.exp(-sq_dists / (2 * lengthscale**2))
   inverse = _masked_solve_matrix(kernel, history.valid, noise)
   y, scale = _normalised_values(history)
-  return _Fit(offsets=offsets, sq_norms=sq_norms, inverse=inverse,
+  return _Fit(offsets=offsets, gram=gram, sq_norms=sq_norms, inverse=inverse,
               weights=inverse @ y, scale=scale)
 
 
@@ -172,9 +173,8 @@ def gradient_variance(history: QueryHistory, x: jax.Array,
   sq_dists = jnp.maximum(f.sq_norms[:, None] - 2 * cross + step_sq[None], 0.)
   k = jnp.where(history.valid[:, None],
                 jnp.exp(-sq_dists / (2 * lengthscale**2)), 0.0)  # (H, C)
-  gram = f.offsets @ f.offsets.T
   solved = f.inverse @ k                                    # (H, C)
-  quad_gram = jnp.sum(k * ((f.inverse * gram) @ k), axis=0)
+  quad_gram = jnp.sum(k * ((f.inverse * f.gram) @ k), axis=0)
   quad_cross = jnp.sum((k * cross) * solved, axis=0)
   quad_plain = jnp.sum(k * solved, axis=0)
   explained = quad_gram - 2 * quad_cross + step_sq * quad_plain
@@ -242,3 +242,15 @@ def active_queries(key: jax.Array, history: QueryHistory, x: jax.Array, *,
                              noise=noise)
   _, chosen = jax.lax.top_k(scores, num_chosen)
   return candidates[chosen]
+
+
+def points_to_query(key: jax.Array, history: QueryHistory, x: jax.Array, *,
+                    num_candidates: int, num_chosen: int, radius,
+                    lengthscale: float, noise: float) -> jax.Array:
+  """``x`` and its :func:`active_queries`, chosen knowing that ``x`` itself
+  is queried too: ``(1 + num_chosen, d)``."""
+  with_x = history.add(x[None], jnp.zeros((1,), jnp.float32))  # y unused
+  chosen = active_queries(key, with_x, x, num_candidates=num_candidates,
+                          num_chosen=num_chosen, radius=radius,
+                          lengthscale=lengthscale, noise=noise)
+  return jnp.concatenate([x[None], chosen])
