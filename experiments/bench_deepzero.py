@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import zojax
+import harness
 from harness import run_arguments
 from zojax import flax as zflax
 from zojax import models
@@ -211,7 +212,7 @@ def main(argv=None):
           f'{"-" if rel is None else f"{rel:.2e}":>8}', flush=True)
     with open(out + '.json', 'w') as f:
       json.dump(report, f, indent=1)
-  print(f'wrote {out}.json')
+  print(f'wrote {harness.shown(out)}.json')
 
 
 if __name__ == '__main__':

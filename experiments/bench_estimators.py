@@ -37,8 +37,10 @@ import jax
 import jax.numpy as jnp
 
 import zojax
+import harness
 from harness import time_interleaved
 from zojax import models
+from zojax._src.query import directions
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -98,8 +100,8 @@ def generation_ns_per_number(distribution, size=1 << 22, repeats=5):
   if distribution == 'gaussian':
     gen = jax.jit(lambda k: jnp.sum(jax.random.normal(k, (size,))))
   else:
-    gen = jax.jit(lambda k: jnp.sum(zojax._src.directions.rademacher(
-        k, (size,))))
+    gen = jax.jit(lambda k: jnp.sum(directions.leaf_draw(
+        jax.random.key_data(k), (size,), 'rademacher')))
   return _time(gen, key, repeats=repeats) / size * 1e9
 
 
@@ -192,7 +194,7 @@ def main():
                    backend=jax.default_backend(), jax=jax.__version__,
                    machine=platform.machine(), generation_ns=gen, rows=rows),
               f, indent=1)
-  print(f'wrote {args.out}')
+  print(f'wrote {harness.shown(args.out)}')
 
 
 if __name__ == '__main__':

@@ -12,7 +12,15 @@ the parameters (and optimizer state) donated:
 * ``mezo_tree``: the same step with ``obj_fn`` (the whole perturbed tree at
   once: what a model that cannot perturb itself costs);
 * ``fo_adam``: ``jax.grad`` of the loss and ``optax.adam`` (moments in the
-  parameter dtype), no rematerialisation.
+  parameter dtype), no rematerialisation;
+* ``mezo_sequential``: ``mezo`` with ``two_point='sequential'`` (the two
+  perturbed forwards one after the other, :math:`z` drawn for each);
+* ``mezo_noise``: the ``mezo`` step without the model (its loss sums the
+  perturbed parameters): the cost of drawing :math:`z` and writing the
+  perturbed and updated parameters, a breakdown of the ``mezo`` row;
+* ``qzo_int8``, ``qzo_int4``: one ``zojax.qzo`` step on the same decoder with
+  int8 / packed int4 weights and per-group (64) scales (``perturbed_fn``);
+  ``inference_int4``: the quantized model's loss.
 
 For each: XLA's compiled memory analysis (arguments, outputs, temporaries;
 ``peak`` = arguments + outputs + temporaries - aliased), and on a GPU the
@@ -40,11 +48,13 @@ import jax.numpy as jnp
 import optax
 
 import zojax
+import harness
 from harness import run_arguments
 from zojax import models
-from zojax._src import seeded_noise
+from zojax._src.estimators import perturbation
 
-METHODS = ('inference', 'mezo', 'mezo_tree', 'fo_adam')
+METHODS = ('inference', 'mezo', 'mezo_tree', 'fo_adam', 'mezo_sequential',
+           'mezo_noise', 'qzo_int8', 'qzo_int4', 'inference_int4')
 GiB = 2.0 ** 30
 
 
@@ -56,15 +66,42 @@ def decoder(args, num_layers=None) -> models.Decoder:
       dtype=dtype, param_dtype=dtype)
 
 
+def method_model(method: str, model: models.Decoder) -> models.Decoder:
+  """The decoder a method runs on (quantized for the QZO rows)."""
+  if method.endswith('int8') or method.endswith('int4'):
+    return model.clone(quantization=method[-4:], group_size=64)
+  return model
+
+
 def method_call(method: str, model: models.Decoder):
   """(function, donated argnums, builds its extra state from params)."""
+  model = method_model(method, model)
   loss = lambda p, t: models.next_token_loss(model.apply({'params': p}, t), t)
   perturbed = lambda p, q, t: models.next_token_loss(
       model.apply({'params': p}, t, perturbation=q), t)
-  if method == 'inference':  # only the loss comes back: no params copy
+  if method.startswith('inference'):  # only the loss: no params copy
     return (lambda p, s, t: loss(p, t)), (), lambda p: ()
-  if method in ('mezo', 'mezo_tree'):
+  if method.startswith('qzo'):
+    tx = zojax.qzo(1e-6, 1e-3, clip=100.0)
+
+    def step(p, s, t):
+      p, s = tx.step(p, s, batch=t, perturbed_fn=perturbed)
+      return p, s, s.stats.value
+
+    return step, (0, 1), tx.init
+  if method == 'mezo_noise':
     tx = zojax.mezo(1e-6, 1e-3)
+    total = lambda p, t: sum(jnp.sum(x, dtype=jnp.float32)
+                             for x in jax.tree.leaves(p))
+
+    def step(p, s, t):
+      p, s = tx.step(p, s, batch=t, obj_fn=total)
+      return p, s, s.stats.value
+
+    return step, (0, 1), tx.init
+  if method in ('mezo', 'mezo_tree', 'mezo_sequential'):
+    tx = zojax.mezo(1e-6, 1e-3, two_point=(
+        'sequential' if method == 'mezo_sequential' else 'fused'))
     kwargs = ({'perturbed_fn': perturbed} if method == 'mezo' else
               {'obj_fn': loss})
 
@@ -92,7 +129,7 @@ def param_shapes(model):
 
 def abstract_inputs(model, method, args):
   _, _, init_state = method_call(method, model)
-  params = param_shapes(model)
+  params = param_shapes(method_model(method, model))
   return params, jax.eval_shape(init_state, params), jax.ShapeDtypeStruct(
       (args.batch, args.seq), jnp.int32)
 
@@ -116,13 +153,13 @@ def measure(model, method, args) -> dict:
   fn, donate, init_state = method_call(method, model)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq),
                               0, args.vocab)
-  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
-                                      tokens[:1, :4])['params'])()
+  params = jax.jit(lambda: method_model(method, model).init(
+      jax.random.PRNGKey(0), tokens[:1, :4])['params'])()
   state = jax.jit(init_state)(params)
   jitted = jax.jit(fn, donate_argnums=donate)
 
   def call(params, state):
-    if method == 'inference':
+    if method.startswith('inference'):
       return params, state, jitted(params, state, tokens)
     return jitted(params, state, tokens)
 
@@ -145,7 +182,7 @@ def largest_layers(args, method: str, limit_gib: float) -> dict:
   """Most layers whose compiled peak fits ``limit_gib``: the peak is affine
   in the number of layers, so it is extrapolated from 2 and 6 layers, then
   checked (and corrected one layer at a time) by compiling."""
-  seeded_noise.BLOCK_ELEMENTS = args.block_elements
+  perturbation.BLOCK_ELEMENTS = args.block_elements
   peak = lambda n: compiled_memory(decoder(args, n), method, args)['peak']
   p2, p6 = peak(2), peak(6)
   layers = max(0, int(2 + (limit_gib - p2) / ((p6 - p2) / 4)))
@@ -161,7 +198,7 @@ def largest_layers(args, method: str, limit_gib: float) -> dict:
 def worker(args) -> None:
   """One method in this fresh process (so the peak is its own); JSON out."""
   model = decoder(args)
-  seeded_noise.BLOCK_ELEMENTS = args.block_elements
+  perturbation.BLOCK_ELEMENTS = args.block_elements
   result = compiled_memory(model, args.worker, args)
   result.update(measure(model, args.worker, args))
   print('RESULT ' + json.dumps(result))
@@ -182,7 +219,7 @@ def main():
                       help='search the largest model per method')
   parser.add_argument('--tag', default='')
   parser.add_argument('--block-elements', type=int,
-                      default=seeded_noise.BLOCK_ELEMENTS,
+                      default=perturbation.BLOCK_ELEMENTS,
                       help='most entries per block of the noise draws and '
                       'of the update')
   parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
@@ -240,11 +277,11 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   name = f'bench_mezo{"_quick" if args.quick else ""}{args.tag}.json'
   with open(os.path.join(args.out, name), 'w') as f:
-    json.dump({'config': vars(args), 'num_params': num_params,
+    json.dump({'config': harness.config(args), 'num_params': num_params,
                'device': str(jax.devices()[0]), 'jax': jax.__version__,
                'machine': platform.machine(), 'results': rows,
                'largest': largest}, f, indent=1)
-  print('wrote', os.path.join(args.out, name))
+  print('wrote', harness.shown(os.path.join(args.out, name)))
 
 
 if __name__ == '__main__':

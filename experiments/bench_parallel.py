@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 import zojax
+import harness
 from harness import time_interleaved
 from zojax import models
 
@@ -142,8 +143,8 @@ def main(argv=None):
     json.dump({'device': device.device_kind, 'platform': device.platform,
                'device_count': available, 'jax': jax.__version__,
                'host': platform.node(), 'params': num_params,
-               'config': vars(args), 'rows': rows}, f, indent=1)
-  print(f'wrote {args.out}')
+               'config': harness.config(args), 'rows': rows}, f, indent=1)
+  print(f'wrote {harness.shown(args.out)}')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,10 @@
-"""CBO reproductions: Riedl et al.'s illustrations and CBXpy-style success rates.
+"""CBO reproductions: Riedl et al.'s figures and CBXpy-style success rates.
 
 1. ``grand_canyon``: the numerical illustrations of "Gradient is All You
    Need?" (Riedl, Klock, Geldhauser & Fornasier, 2023) on the authors' 2-d
-   "GrandCanyon3noisy" landscape (from ``BenchmarkFunctions/objective_function.m``
-   of KonstantinRiedl/CBOGlobalConvergenceAnalysis; global minimiser 0), with
+   "GrandCanyon3noisy" landscape (from
+   ``BenchmarkFunctions/objective_function.m`` of
+   KonstantinRiedl/CBOGlobalConvergenceAnalysis; global minimiser 0), with
    the parameters of their ``CBOstochasticGD/analyses`` scripts:
 
    * Fig. 1(b): where the consensus point of CBO (``zojax.cbo``: N = 200,
@@ -21,11 +22,14 @@
    final consensus is within 0.25 (max-norm) of the global minimiser, against
    the number of particles and the dimension, on shifted Rastrigin and Ackley,
    for plain CBO, CBO with alpha annealing (x1.05 per step up to 1e5,
-   CBXpy's default scheduler), with mini-batch interaction and with
-   resampling on stagnation.
+   CBXpy's default scheduler), with mini-batch interaction (only the batch
+   moves, CBXpy's ``partial=True``) and with resampling on stagnation (every
+   particle kicked once the consensus moved less than 1e-3 in each of the
+   last 5 steps, CBXpy's ``consensus_stagnation``).
 
-All runs of a configuration are one ``vmap`` over independent initial states
-of the same ``zojax.cbo`` transform, inside one jitted ``lax.scan``.
+All runs of a configuration are one jitted ``vmap`` over the runs' seeds:
+run ``r`` is ``zojax.cbo(..., seed=r)``, whose ``init`` places its particles
+at ``start + init_std * z`` (once), followed by a ``lax.scan`` of steps.
 
   python experiments/cbo.py            # full run: JSON + PNGs in results/
   python experiments/cbo.py --quick    # small smoke run (ZOJAX_QUICK=1 too)
@@ -43,6 +47,7 @@ import numpy as np
 import optax
 
 import zojax
+import harness
 from harness import run_arguments
 
 MINIMISER_TOLERANCE = 0.25
@@ -82,17 +87,13 @@ def cbo_runs(objective, start, *, num_runs, num_steps, init_std, seed=0,
              **cbo_kwargs):
   """``num_runs`` independent CBO runs from ``start``; the consensus point
   after every step, shape ``(num_runs, num_steps, d)``."""
-  tx = zojax.cbo(init_std=init_std, seed=seed, **cbo_kwargs)
   params = {'x': jnp.asarray(start, jnp.float32)}
-  template = tx.init(params)
   obj_fn = lambda p: objective(p['x'])
 
-  def one_run(key):
-    init_key, key = jax.random.split(key)
-    particles = jax.tree.map(
-        lambda x: x + init_std * jax.random.normal(init_key, x.shape),
-        template.particles)
-    state = template._replace(key=key, particles=particles)
+  def one_run(run_seed):
+    # a traced seed: each run's particles start at start + init_std * z_run
+    tx = zojax.cbo(init_std=init_std, seed=run_seed, **cbo_kwargs)
+    state = tx.init(params)
 
     def step(carry, _):
       p, s = carry
@@ -102,8 +103,8 @@ def cbo_runs(objective, start, *, num_runs, num_steps, init_std, seed=0,
 
     return jax.lax.scan(step, (params, state), None, length=num_steps)[1]
 
-  keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
-  return jax.jit(jax.vmap(one_run))(keys)
+  seeds = seed * num_runs + jnp.arange(num_runs)
+  return jax.jit(jax.vmap(one_run))(seeds)
 
 
 def gradient_runs(objective, start, *, num_runs, num_steps, dt, noise,
@@ -287,8 +288,8 @@ def main(argv=None) -> dict:
             'seconds': time.time() - start}
   with open(os.path.join(args.out, 'cbo.json'), 'w') as f:
     json.dump(result, f, indent=1)
-  print(f'wrote {args.out}/cbo.json, cbo_grand_canyon.png, cbo_success.png '
-        f'({result["seconds"]:.0f} s)')
+  print(f'wrote {harness.shown(args.out)}/cbo.json, cbo_grand_canyon.png, '
+        f'cbo_success.png ({result["seconds"]:.0f} s)')
   return result
 
 

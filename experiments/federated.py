@@ -3,11 +3,15 @@
 1. ``synthetic``: the FZooS paper's quadratic clients (Shu et al., 2024,
    Sec. 6.1; ``zojax.federated.heterogeneous_quadratic``): d = 300, N = 5,
    heterogeneity C in {0.5, 5, 50}, T = 10 local steps, R = 50 rounds, Adam
-   (lr 0.01) locally, 3 problem draws. FZooS against FedZO, FedProx and
-   SCAFFOLD I/II (Q = 20 orthonormal directions, mu = 0.01, the reference
-   code's settings), optimality gap against rounds and against queries;
-   ablations: FZooS without the correction (gamma = 0), with gamma_t = 1
-   (not adaptive) and with M = 1,000 features.
+   (lr 0.01) locally, 5 problem draws (the paper's count). FZooS (its local
+   GP as in the reference code: Matern-5/2, ML lengthscale, the 150 nearest
+   queries) against FedZO, FedProx and SCAFFOLD I/II (Q = 20 orthonormal
+   directions, mu = 0.01, the reference code's settings), optimality gap
+   against rounds and against queries, and the final gap split between the
+   coordinates inside the box [0, 1] and those that escaped it; ablations:
+   the former local GP (SE, l = 1, newest 150 queries), no ML (l = 1), no
+   nearest selection (newest 150), Matern random features, no correction
+   (gamma = 0), gamma_t = 1 (not adaptive), M = 1,000 features.
 2. ``attack``: a federated black-box attack scaled to digits: N = 5 client
    CNNs, each trained (first-order, at set-up) on 6 of the 10 classes; one
    shared perturbation delta in [-0.2, 0.2]^64 of a test image, client
@@ -29,6 +33,8 @@
   python experiments/federated.py                   # full run, all parts
   python experiments/federated.py --parts timing    # one part
   python experiments/federated.py --quick           # smoke run (CI)
+  python experiments/federated.py --parts synthetic --methods FedZO --merge
+      # rerun some methods, updating federated.json in place
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import optax
 
 from zojax import data as zdata
 from zojax import federated
+import harness
 from harness import run_arguments, time_interleaved
 
 PARTS = ('synthetic', 'attack', 'metric', 'fedkseed', 'timing')
@@ -55,7 +62,7 @@ METRIC_EPS = 0.2
 def baselines(local_steps: int, num_features: int) -> dict:
   """The FZooS paper's comparison (reference code's settings)."""
   return {
-      'FZooS': federated.fzoos(local_steps, num_features=num_features),
+      'FZooS': federated.fed_fzoos(local_steps, num_features=num_features),
       'FedZO': federated.fedzo(local_steps),
       'FedProx': federated.fedprox(local_steps),
       'SCAFFOLD (I)': federated.scaffold(local_steps, variant=1),
@@ -71,19 +78,30 @@ def quick_subset(methods: dict, quick: bool, keep=('FZooS', 'FedZO')) -> dict:
 
 
 def ablations(local_steps: int, num_features: int) -> dict:
+  """FZooS without parts of it; the first three undo the local GP's
+  defaults (Matérn-5/2, ML lengthscale, the 150 nearest of the newest
+  1,000 queries) one or all at a time."""
+  fzoos = lambda **kw: federated.fed_fzoos(local_steps,
+                                           num_features=num_features, **kw)
   return {
-      'FZooS, no correction': federated.fzoos(
-          local_steps, num_features=num_features, correction='none'),
-      'FZooS, gamma_t = 1': federated.fzoos(
-          local_steps, num_features=num_features, correction='constant'),
-      'FZooS, M = 1000': federated.fzoos(local_steps,
-                                         num_features=num_features // 10),
+      'FZooS, former GP (SE, l = 1, newest 150)': fzoos(
+          kernel='se', lengthscale=1.0, history_size=150, num_nearest=None),
+      'FZooS, l = 1 (no ML)': fzoos(lengthscale=1.0),
+      'FZooS, newest 150 (no nearest)': fzoos(history_size=150,
+                                              num_nearest=None),
+      'FZooS, Matern features': fzoos(feature_kernel='matern52'),
+      'FZooS, no correction': fzoos(correction='none'),
+      'FZooS, gamma_t = 1': fzoos(correction='constant'),
+      'FZooS, M = 1000': federated.fed_fzoos(local_steps,
+                                             num_features=num_features // 10),
   }
 
 
 def run_batched(algorithm, starts, client_fn, client_data, rounds, eval_fn):
   """Independent federated runs (one per leading index of ``starts`` and
-  ``client_data``) as one ``vmap`` of the round; ``eval_fn`` after each."""
+  ``client_data``) as one ``vmap`` of the round; ``eval_fn`` after each.
+  Returns the evaluations ``(runs, rounds, ...)`` and the cumulative
+  queries ``(runs, rounds)``."""
   num_clients = jax.tree.leaves(client_data)[0].shape[1]
   state = jax.vmap(lambda p: algorithm.init(p, num_clients))(starts)
   step = jax.jit(jax.vmap(lambda p, s, d: algorithm.round(p, s, client_fn,
@@ -98,12 +116,32 @@ def run_batched(algorithm, starts, client_fn, client_data, rounds, eval_fn):
 
 
 # ------------------------------------------------------------------ synthetic
-def synthetic(quick: bool) -> dict:
-  dim, rounds, steps, trials, features = (30, 3, 3, 1, 500) if quick else (
-      300, 50, 10, 3, 10_000)
-  hets = (5.0,) if quick else (0.5, 5.0, 50.0)
-  methods = dict(baselines(steps, features), **ablations(steps, features))
-  methods = quick_subset(methods, quick)
+def gap_parts(x: jax.Array) -> jax.Array:
+  r"""The optimality gap of the quadratic clients' global objective and its
+  split: :math:`F(x) - F^* = \frac{1}{10d}\sum_j (z_j + \frac12)^2`,
+  :math:`z = 20\,\mathrm{clip}(x, 0, 1) - 10`, summed over the coordinates
+  inside the box [0, 1] and over those that escaped it (where the clipped
+  objective is flat: no gradient brings them back). Returns ``[gap, gap
+  inside, gap escaped, number escaped]``."""
+  z = 20 * jnp.clip(x, 0.0, 1.0) - 10
+  per_coordinate = (z + 0.5) ** 2 / (10 * x.shape[0])
+  inside = (x >= 0) & (x <= 1)
+  return jnp.stack([jnp.sum(per_coordinate),
+                    jnp.sum(jnp.where(inside, per_coordinate, 0.0)),
+                    jnp.sum(jnp.where(inside, 0.0, per_coordinate)),
+                    jnp.sum(~inside).astype(jnp.float32)])
+
+
+def synthetic(quick: bool, trials: int = 5, methods=None,
+              hets=(0.5, 5.0, 50.0)) -> dict:
+  dim, rounds, steps, features = (30, 3, 3, 500) if quick else (
+      300, 50, 10, 10_000)
+  trials = 1 if quick else trials
+  hets = (5.0,) if quick else hets
+  algorithms = dict(baselines(steps, features), **ablations(steps, features))
+  algorithms = quick_subset(algorithms, quick)
+  if methods:
+    algorithms = {k: v for k, v in algorithms.items() if k in methods}
   out = {}
   for het in hets:
     problems = [federated.heterogeneous_quadratic(
@@ -114,19 +152,29 @@ def synthetic(quick: bool) -> dict:
                                *[p.client_data for p in problems])
     client_fn = problems[0].client_fn
     optimum = problems[0].optimum
-    gap = lambda x, d: jnp.mean(jax.vmap(lambda di: client_fn(x, di))(d)) - (
-        optimum)
+    measure = lambda x, d: jnp.concatenate([
+        (jnp.mean(jax.vmap(lambda di: client_fn(x, di))(d)) - optimum)[None],
+        gap_parts(x)])
     out[het] = {}
-    for name, algorithm in methods.items():
+    for name, algorithm in algorithms.items():
       start = time.time()
-      gaps, queries = run_batched(algorithm, starts, client_fn, client_data,
-                                  rounds, gap)
-      out[het][name] = {'gap_mean': gaps.mean(0).tolist(),
-                        'gap_std': gaps.std(0).tolist(),
-                        'queries': queries[0].tolist(),
-                        'seconds': time.time() - start}
-      print(f'C = {het:>4}: {name:22s} gap after {rounds} rounds '
-            f'{gaps[:, -1].mean():.4f} +- {gaps[:, -1].std():.4f}, '
+      curves, queries = run_batched(algorithm, starts, client_fn,
+                                    client_data, rounds, measure)
+      gaps, final = curves[:, :, 0], curves[:, -1, 1:]
+      out[het][name] = {
+          'gap_mean': gaps.mean(0).tolist(),
+          'gap_std': gaps.std(0).tolist(),
+          'gap_final': gaps[:, -1].tolist(),
+          'gap_inside_mean': curves[:, :, 2].mean(0).tolist(),
+          'gap_inside_final': final[:, 1].tolist(),
+          'gap_escaped_final': final[:, 2].tolist(),
+          'escaped_final': final[:, 3].tolist(),
+          'queries': queries[0].tolist(),
+          'seconds': time.time() - start}
+      print(f'C = {het:>4}: {name:42s} gap after {rounds} rounds '
+            f'{gaps[:, -1].mean():.4f} +- {gaps[:, -1].std():.4f} (inside '
+            f'{final[:, 1].mean():.4f}, escaped {final[:, 2].mean():.4f} '
+            f'in {final[:, 3].mean():.1f} coords), '
             f'{int(queries[0, -1]):,} queries ({time.time() - start:.0f} s)',
             flush=True)
   return {'dim': dim, 'rounds': rounds, 'local_steps': steps,
@@ -398,6 +446,8 @@ def timing(quick: bool) -> dict:
 
 # ------------------------------------------------------------------- figures
 def plot(result: dict, path: str) -> None:
+  """One panel per curve; every method keeps its colour across panels (one
+  legend below), FZooS's ablations dashed."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -408,6 +458,9 @@ def plot(result: dict, path: str) -> None:
                      None, 'gap_mean', 'log'))
       panels.append((f'quadratic, C = {het}: gap vs queries', methods,
                      'queries', 'gap_mean', 'log'))
+      if 'gap_inside_mean' in next(iter(methods.values())):
+        panels.append((f'C = {het}: gap of the coordinates in [0, 1]',
+                       methods, None, 'gap_inside_mean', 'log'))
   for part, key, title in (('attack', 'success_rate', 'attack success rate'),
                            ('metric', 'error', '1 - macro-F1'),
                            ('fedkseed', 'accuracy', 'FedKSeed: test accuracy')):
@@ -415,47 +468,79 @@ def plot(result: dict, path: str) -> None:
       panels.append((title, result[part]['results'], None, key, 'linear'))
   if not panels:
     return
+  names = list(dict.fromkeys(n for panel in panels for n in panel[1]))
+  palette = plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2]
+  colours = {n: palette[i % len(palette)] for i, n in enumerate(names)}
   cols = 4
   rows = -(-len(panels) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows),
                            squeeze=False)
+  lines = {}
   for ax, (title, methods, xkey, ykey, scale) in zip(axes.flat, panels):
     for name, series in methods.items():
       y = np.asarray(series[ykey])
       x = np.asarray(series[xkey]) if xkey else np.arange(1, len(y) + 1)
-      ax.plot(x, y, label=name, lw=1.4,
-              ls='--' if name.startswith('FZooS,') else '-')
+      lines[name], = ax.plot(x, y, label=name, lw=1.4, color=colours[name],
+                             ls='--' if name.startswith('FZooS,') else '-')
     ax.set_yscale(scale)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel('queries' if xkey else 'round')
   for ax in list(axes.flat)[len(panels):]:
     ax.axis('off')
-  axes.flat[0].legend(fontsize=7)
-  if len(panels) > 1:
-    axes.flat[len(panels) - 1].legend(fontsize=7)
-  fig.tight_layout()
+  fig.legend(list(lines.values()), list(lines), loc='lower center',
+             ncol=4, fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0.03 + 0.025 * -(-len(lines) // 4) / rows, 1, 1))
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def merge_into(path: str, result: dict) -> dict:
+  """``result`` written over the JSON at ``path`` (nested dicts merged, so
+  a run of some parts or some methods updates only those)."""
+  def merged(old, new):
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+      return new
+    return {**old, **{k: merged(old.get(k), v) for k, v in new.items()}}
+
+  if not os.path.exists(path):
+    return result
+  with open(path) as f:
+    return merged(json.load(f), json.loads(json.dumps(result)))
 
 
 def main(argv=None) -> dict:
   parser = run_arguments(__doc__.splitlines()[0])
   parser.add_argument('--parts', nargs='+', default=list(PARTS),
                       choices=PARTS)
+  parser.add_argument('--trials', type=int, default=5,
+                      help='problem draws of the synthetic part')
+  parser.add_argument('--methods', nargs='+', default=None,
+                      help='only these methods in the synthetic part')
+  parser.add_argument('--hets', nargs='+', type=float,
+                      default=[0.5, 5.0, 50.0],
+                      help='heterogeneities C of the synthetic part')
+  parser.add_argument('--merge', action='store_true',
+                      help='update federated.json in --out with what ran')
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   start = time.time()
-  parts = {'synthetic': synthetic, 'attack': attack, 'metric': metric,
-           'fedkseed': fedkseed, 'timing': timing}
+  parts = {'synthetic': lambda quick: synthetic(
+      quick, args.trials, args.methods, tuple(args.hets)),
+           'attack': attack, 'metric': metric, 'fedkseed': fedkseed,
+           'timing': timing}
   result = {'quick': args.quick}
   for name in args.parts:
     result[name] = parts[name](args.quick)
   result['seconds'] = time.time() - start
-  tag = '' if set(args.parts) == set(PARTS) else '_' + '_'.join(args.parts)
-  with open(os.path.join(args.out, f'federated{tag}.json'), 'w') as f:
+  tag = '' if args.merge or set(args.parts) == set(PARTS) else (
+      '_' + '_'.join(args.parts))
+  path = os.path.join(args.out, f'federated{tag}.json')
+  if args.merge:
+    result = merge_into(path, result)
+  with open(path, 'w') as f:
     json.dump(result, f, indent=1)
   plot(result, os.path.join(args.out, f'federated{tag}.png'))
-  print(f'wrote {args.out}/federated{tag}.json and .png '
+  print(f'wrote {harness.shown(args.out)}/federated{tag}.json and .png '
         f'({result["seconds"]:.0f} s)')
   return result
 

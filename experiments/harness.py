@@ -21,6 +21,26 @@ def run_arguments(description: str) -> argparse.ArgumentParser:
   return parser
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shown(path: str) -> str:
+  """``path`` as printed and stored in outputs: relative to the repository
+  (no absolute machine paths in committed logs and notebooks)."""
+  absolute = os.path.abspath(path)
+  if absolute.startswith(REPOSITORY + os.sep):
+    return os.path.relpath(absolute, REPOSITORY)
+  return os.path.basename(absolute)
+
+
+def config(args) -> dict:
+  """The command-line arguments for a JSON output, ``out`` relative."""
+  values = dict(vars(args))
+  if isinstance(values.get('out'), str):
+    values['out'] = shown(values['out'])
+  return values
+
+
 def time_interleaved(calls: dict, repeats: int) -> dict:
   """Minimum wall time of each ``fn(*args)`` in ``calls`` (name -> (fn,
   args)), after one warm-up call each; the calls run round-robin, so that a

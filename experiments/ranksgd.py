@@ -7,9 +7,19 @@ the same N(0, I) start. One choice differs: the authors draw b at random,
 which leaves the quadratic unbounded below along the null space of A; here
 b = G c, so the minimum exists and the optimality gap is defined.
 
-Methods, all spending 10 points of the oracle per step:
+Methods, all spending 10 points of the oracle per step (the authors'
+protocol with line search: 14):
 
-* ZO-RankSGD, full ranking (k = 10) and top-5 (``zojax.zo_ranksgd``),
+* ZO-RankSGD, full ranking (k = 10) and top-5 (``zojax.zo_ranksgd``: the
+  paper's Algorithm 1, Gaussian directions, graph weights, SGD from x with
+  a tuned step size),
+* ZO-RankSGD with the estimator of the authors' notebooks
+  (``zojax.rank_estimator(distribution='sphere', include_center=True,
+  normalize=True)``: x among the 10 candidates, 9 points at distance mu,
+  normalised edges and estimate), first with a tuned SGD step from x, then
+  in the notebooks' protocol: a fixed step of 1 from the best-ranked
+  candidate, or the 4-step halving line search from it (best of
+  best - 2^-j g, j < 4, ranked by the oracle),
 * ZO-SGD on values (``zojax.rge``, 9 forward differences + f(x)),
 * ZO-SignSGD, comparison-based (``zojax.zo_sign_sgd``, 5 directions, the
   sign of f(x + mu u) - f(x - mu u): a pairwise comparison each),
@@ -21,13 +31,17 @@ Then policy optimization from episode-return rankings (the paper's MuJoCo
 experiments, here on gymnax's JAX-native CartPole-v1): a linear policy, one
 episode per candidate (all candidates of a step share the episode's random
 start), ZO-RankSGD ranking the 10 candidates by return against ZO-SGD on the
-returns and CMA-ES; 5 repetitions.
+returns, CMA-ES, Deep GA (``zojax.ga``, population 10) and CBO
+(``zojax.cbo``, 9 particles + the consensus = 10 episodes), the last three
+minimising the negative return; 5 repetitions.
 
 Every method's step size is tuned on a grid (the best mean final loss over
-the repetitions is kept; CMA-ES tunes its initial sigma). Reports the loss
-curves (mean and spread), the oracle points each method needs to close 90%
-(quadratic) or 50% (Rosenbrock) of the initial gap, and the wall time of one
-jitted ZO-RankSGD step with m = 64 on the CPU.
+the repetitions is kept; CMA-ES tunes its initial sigma, GLD its radius,
+Deep GA its mutation power, CBO its noise). Reports the loss curves (mean
+and spread), the oracle points each method needs to close 90% (quadratic)
+or 50% (Rosenbrock) of the initial gap, the wall time of one jitted
+ZO-RankSGD step with m = 64 on the CPU, and a Monte-Carlo check of the
+authors' Stable-Diffusion weights m - 2r against the graph's m - 1 - 2r.
 
   python experiments/ranksgd.py            # full run: JSON + PNG in results/
   python experiments/ranksgd.py --quick    # small smoke run (ZOJAX_QUICK=1)
@@ -46,11 +60,13 @@ import numpy as np
 import optax
 
 import zojax
+import harness
 from harness import run_arguments
 
 POINTS_PER_STEP = 10
 MU = 0.1
-LEARNING_RATES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
+LEARNING_RATES = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2,
+                  0.1, 0.3, 1.0, 3.0)
 
 
 # ------------------------------------------------------------------ problems
@@ -85,11 +101,22 @@ def rank_oracle(f):
       candidates))
 
 
+def authors_estimator():
+  """The estimator of the authors' notebooks: x and 9 points on the sphere of
+  radius mu, fully ranked, normalised edge differences, a unit-norm
+  estimate."""
+  return zojax.rank_estimator(POINTS_PER_STEP, POINTS_PER_STEP, MU,
+                              distribution='sphere', include_center=True,
+                              normalize=True)
+
+
 def method_transforms(lr):
   """name -> (transform, which oracle its update needs)."""
   return {
       'ZO-RankSGD (k=10)': (zojax.zo_ranksgd(lr, 10, 10, MU), 'rank'),
       'ZO-RankSGD (k=5)': (zojax.zo_ranksgd(lr, 10, 5, MU), 'rank'),
+      "ZO-RankSGD, authors' estimator (k=10)": (
+          optax.chain(authors_estimator(), optax.sgd(lr)), 'rank'),
       'ZO-SGD (values)': (optax.chain(zojax.rge(9, MU), optax.sgd(lr)),
                           'value'),
       'ZO-SignSGD (comparisons)': (zojax.zo_sign_sgd(lr, MU, 5), 'value'),
@@ -128,6 +155,40 @@ def _rekey(state, key):
     return node
   return jax.tree.map(swap, state,
                       is_leaf=lambda n: isinstance(n, zojax.EstimatorState))
+
+
+def run_authors_protocol(f, x0, steps, reps, line_search_steps):
+  """The notebooks' loop (comparing_ES_like_and_rank.ipynb): the unit-norm
+  estimate g of :func:`authors_estimator`, then x <- best - g from the
+  best-ranked candidate (step 1), or with ``line_search_steps = L`` the
+  best (ranked by the oracle) of best - 2^-j g, j < L. Losses after each
+  step, shape (reps, steps + 1)."""
+  est = authors_estimator()
+  rank_fn = rank_oracle(f)
+  fractions = 0.5 ** jnp.arange(line_search_steps, dtype=jnp.float32)
+  template = est.init({'x': jnp.asarray(x0, jnp.float32)})
+
+  def one_rep(key):
+    def step(carry, _):
+      x, state = carry
+      candidates = est.ask(state, {'x': x})
+      ranking = rank_fn(candidates)
+      g, state = est.tell(state, {'x': x}, candidates, ranking)
+      best = candidates['x'][ranking[0]]
+      if line_search_steps:
+        trials = best[None] - fractions[:, None] * g['x'][None]
+        best = trials[rank_fn({'x': trials})[0]]
+      else:
+        best = best - g['x']
+      return (best, state), f(best)
+
+    x = jnp.asarray(x0, jnp.float32)
+    losses = jax.lax.scan(step, (x, _rekey(template, key)), None,
+                          length=steps)[1]
+    return jnp.concatenate([f(x)[None], losses])
+
+  keys = jax.random.split(jax.random.PRNGKey(1), reps)
+  return np.asarray(jax.jit(jax.vmap(one_rep))(keys))
 
 
 def run_gld(f, x0, steps, reps, radius):
@@ -182,9 +243,9 @@ def _std(curves):
     return curves.std(0)
 
 
-def points_to_target(curve_mean, target):
+def points_to_target(curve_mean, target, points_per_step=POINTS_PER_STEP):
   hit = np.flatnonzero(curve_mean <= target)
-  return int(hit[0]) * POINTS_PER_STEP if hit.size else None
+  return int(hit[0]) * points_per_step if hit.size else None
 
 
 def step_time_m64(repeats: int = 20) -> float:
@@ -208,6 +269,35 @@ def step_time_m64(repeats: int = 20) -> float:
   return best
 
 
+def reference_weights_check(num_draws: int, dim: int = 100, m: int = 10,
+                            k: int = 5) -> dict:
+  r"""E[g]^T grad f, E||g||^2 and E[cos(g, grad f)] of the rank estimate
+  with the graph weights -(m-1-2r) and the authors' Stable-Diffusion
+  weights -(m-2r), for a linear objective with unit gradient (the ranking,
+  hence g, does not depend on mu there). Means over ``num_draws`` keys,
+  with their standard errors."""
+  u = jnp.ones(dim, jnp.float32) / np.sqrt(dim)
+  params = {'x': jnp.zeros(dim, jnp.float32)}
+  rank_fn = lambda c: jnp.argsort(c['x'] @ u)
+  keys = jax.random.split(jax.random.PRNGKey(11), num_draws)
+  out = {}
+  for weights in ('graph', 'reference'):
+    tx = zojax.rank_estimator(m, k, MU, weights=weights)
+    state = tx.init(params)
+    draw = lambda key: tx.update(None, state._replace(key=key), params,
+                                 rank_fn=rank_fn)[0]['x']
+    g = np.asarray(jax.jit(lambda ks: jax.lax.map(
+        draw, ks, batch_size=1000))(keys), np.float64)
+    along, squared = g @ np.asarray(u), np.sum(g ** 2, axis=1)
+    out[weights] = {
+        name: [float(v.mean()), float(v.std() / np.sqrt(num_draws))]
+        for name, v in (('mean_along_gradient', along),
+                        ('mean_squared_norm', squared),
+                        ('mean_cosine', along / np.sqrt(squared)))}
+  return {'dim': dim, 'num_points': m, 'top_k': k, 'draws': num_draws,
+          **out}
+
+
 # ------------------------------------------------- policy optimization
 def episode_return(policy, key, env, env_params):
   """Undiscounted return of one episode of the deterministic linear policy
@@ -228,9 +318,23 @@ def episode_return(policy, key, env, env_params):
   return jax.lax.scan(step, carry, keys)[0][3]
 
 
+def policy_transform(method: str, setting: float, seed):
+  """The zojax transform of a policy method and the oracle it needs."""
+  if method.startswith('ZO-RankSGD'):
+    return zojax.zo_ranksgd(setting, 10, 5, MU, seed=seed), 'rank'
+  if method.startswith('Deep GA'):  # setting: the truncation T
+    return zojax.ga(POINTS_PER_STEP, GA_SIGMA, truncation=setting,
+                    seed=seed), 'value'
+  if method.startswith('CBO'):  # 9 particles + the consensus: 10 episodes
+    return zojax.cbo(POINTS_PER_STEP - 1, noise=setting, **CBO_SETTINGS,
+                     seed=seed), 'value'
+  return optax.chain(zojax.rge(9, MU, seed=seed), optax.sgd(setting)), 'value'
+
+
 def policy_runs(method: str, setting: float, steps: int, reps: int):
   """Mean episode return of the current policy after each step (evaluated
-  on 10 fresh episodes), shape (reps, steps + 1)."""
+  on 10 fresh episodes), shape (reps, steps + 1). Ranking methods rank the
+  candidates by return; the others minimise the negative return."""
   import gymnax
   env, env_params = gymnax.make('CartPole-v1')
   returns = lambda p, key: episode_return(p, key, env, env_params)
@@ -243,17 +347,14 @@ def policy_runs(method: str, setting: float, steps: int, reps: int):
 
   if method == 'CMA-ES (pop 10)':
     return _policy_cmaes(returns, evaluate, policy, setting, steps, reps)
-  if method == 'ZO-RankSGD (k=5)':
-    tx = zojax.zo_ranksgd(setting, 10, 5, MU)
-  else:
-    tx = optax.chain(zojax.rge(9, MU), optax.sgd(setting))
-  template = tx.init(policy)
 
   def one_rep(key):
+    tx, oracle = policy_transform(method, setting, key)
+
     def step(carry, step_key):
       p, s = carry
       episode_key, eval_key = jax.random.split(step_key)
-      if method.startswith('ZO-RankSGD'):
+      if oracle == 'rank':
         rank_fn = lambda c: jnp.argsort(-jax.vmap(
             lambda q: returns(q, episode_key))(c))
         updates, s = tx.update(None, s, p, rank_fn=rank_fn)
@@ -264,7 +365,7 @@ def policy_runs(method: str, setting: float, steps: int, reps: int):
       return (p, s), evaluate(p, eval_key)
 
     start = evaluate(policy, jax.random.fold_in(key, 1))
-    curve = jax.lax.scan(step, (policy, _rekey(template, key)),
+    curve = jax.lax.scan(step, (policy, tx.init(policy)),
                          jax.random.split(key, steps))[1]
     return jnp.concatenate([start[None], curve])
 
@@ -295,10 +396,19 @@ def _policy_cmaes(returns, evaluate, policy, sigma0, steps, reps):
   return np.asarray(curves)
 
 
+# The policy argmax(obs @ w + b) is unchanged when (w, b) is scaled and every
+# run starts at zero, so Deep GA's trajectory does not depend on its
+# mutation power (nor CMA-ES's on sigma0, nor CBO's on init_std): Deep GA
+# tunes its truncation instead. CBO's alpha and dt were picked in a pilot
+# run (alpha = 10, dt = 0.1 stayed below a mean return of 420).
+GA_SIGMA = 0.1
+CBO_SETTINGS = {'alpha': 0.1, 'dt': 0.3}
 POLICY_METHODS = {
     'ZO-RankSGD (k=5)': (0.1, 0.3, 1.0, 3.0),
     'ZO-SGD (values)': (1e-3, 3e-3, 1e-2, 3e-2),
     'CMA-ES (pop 10)': (0.1, 0.3, 1.0),
+    'Deep GA (pop 10)': (2, 3, 5),
+    'CBO (9 particles)': (0.3, 0.5, 1.0),
 }
 
 
@@ -308,7 +418,10 @@ def policy_optimization(quick: bool) -> dict:
   for method, grid in POLICY_METHODS.items():
     grid = grid[1:2] if quick else grid
     results = {g: policy_runs(method, g, steps, reps) for g in grid}
-    best = max(results, key=lambda g: results[g][:, -1].mean())
+    # The best final mean return; ties (several at 500) by the mean over
+    # the whole run.
+    best = max(results, key=lambda g: (results[g][:, -1].mean(),
+                                       results[g].mean()))
     curve = results[best]
     hit = np.flatnonzero(curve.mean(0) >= 475.0)
     out[method] = {'setting': best, 'mean': curve.mean(0).tolist(),
@@ -335,24 +448,43 @@ def plot_policy(results: dict, path: str) -> None:
   plt.close(fig)
 
 
+# Oracle points per step of the authors' protocol with its line search.
+LINE_SEARCH_STEPS = 4
+AUTHORS_PROTOCOL = {"ZO-RankSGD, authors' protocol (step 1)": 0,
+                    "ZO-RankSGD, authors' protocol (line search)":
+                        LINE_SEARCH_STEPS}
+
+
+def synthetic_curves(f, x0, steps, reps, quick):
+  """name -> (setting, losses (reps, *), oracle points per step)."""
+  lrs = (1e-2,) if quick else LEARNING_RATES
+  out = {}
+  for method in method_transforms(1.0):
+    out[method] = best_over(
+        lrs, lambda lr, method=method: run_transform(
+            *method_transforms(lr)[method], f, x0, steps, reps)) + (
+                POINTS_PER_STEP,)
+  for method, searches in AUTHORS_PROTOCOL.items():
+    per_step = POINTS_PER_STEP + searches
+    out[method] = ('1 (fixed)', run_authors_protocol(
+        f, x0, steps * POINTS_PER_STEP // per_step, reps, searches),
+                   per_step)
+  out['GLD'] = best_over(
+      (0.1, 1.0, 3.0, 10.0, 30.0) if not quick else (1.0,),
+      lambda r: run_gld(f, x0, steps, reps, r)) + (POINTS_PER_STEP,)
+  out['CMA-ES (pop 10)'] = best_over(
+      (0.1, 0.3, 1.0) if not quick else (0.3,),
+      lambda s: run_cmaes(f, x0, steps, reps, s)) + (POINTS_PER_STEP,)
+  return out
+
+
 def run_all(quick: bool) -> dict:
   steps, reps = (40, 3) if quick else (300, 10)
-  lrs = LEARNING_RATES[6::3] if quick else LEARNING_RATES
   x0 = np.random.default_rng(0).normal(size=100)
   out = {}
-  for name in TARGET_FRACTIONS:
+  for name in ('quadratic',) if quick else TARGET_FRACTIONS:
     f, f_star = problem(name)
-    curves, settings = {}, {}
-    for method in method_transforms(1.0):
-      settings[method], curves[method] = best_over(
-          lrs, lambda lr, method=method: run_transform(
-              *method_transforms(lr)[method], f, x0, steps, reps))
-    settings['GLD'], curves['GLD'] = best_over(
-        (0.1, 1.0, 3.0, 10.0, 30.0) if not quick else (1.0,),
-        lambda r: run_gld(f, x0, steps, reps, r))
-    settings['CMA-ES (pop 10)'], curves['CMA-ES (pop 10)'] = best_over(
-        (0.1, 0.3, 1.0) if not quick else (0.3,),
-        lambda s: run_cmaes(f, x0, steps, reps, s))
+    curves = synthetic_curves(f, x0, steps, reps, quick)
     f0 = float(f(jnp.asarray(x0, jnp.float32)))
     fraction = TARGET_FRACTIONS[name]
     target = f0 - fraction * (f0 - f_star)
@@ -360,13 +492,15 @@ def run_all(quick: bool) -> dict:
         'f0': f0, 'f_star': f_star, 'target': target,
         'target_fraction_of_gap': fraction,
         'methods': {
-            method: {'setting': settings[method],
+            method: {'setting': setting, 'points_per_step': per_step,
                      'mean': curve.mean(0).tolist(),
                      'std': _std(curve).tolist(),
                      'final_gap_mean': float(curve[:, -1].mean() - f_star),
-                     'points_to_target': points_to_target(curve.mean(0),
-                                                          target)}
-            for method, curve in curves.items()}}
+                     'final_gap_median': float(np.median(curve[:, -1])
+                                               - f_star),
+                     'points_to_target': points_to_target(
+                         curve.mean(0), target, per_step)}
+            for method, (setting, curve, per_step) in curves.items()}}
   return out
 
 
@@ -377,17 +511,51 @@ def plot(results: dict, path: str) -> None:
     for name, m in res['methods'].items():
       mean = np.asarray(m['mean']) - res['f_star']
       std = np.asarray(m['std'])
-      points = np.arange(len(mean)) * POINTS_PER_STEP
-      style = '-' if 'Rank' in name else '--'
+      points = np.arange(len(mean)) * m['points_per_step']
+      style = ':' if 'authors' in name else '-' if 'Rank' in name else '--'
       ax.plot(points, mean, style, label=name)
       ax.fill_between(points, np.maximum(mean - std, 1e-12), mean + std,
                       alpha=0.15)
-    ax.set(yscale='log', xlabel='oracle points (10 per step)',
+    ax.set(yscale='log', xlabel='oracle points',
            ylabel='f(x) - f*', title=f'{problem}, d = 100')
   np.atleast_1d(axes)[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def print_synthetic(results: dict) -> None:
+  for problem, res in results.items():
+    print(f'\n{problem}: f0 = {res["f0"]:.4g}, f* = {res["f_star"]:.4g}, '
+          f'target = close {100 * res["target_fraction_of_gap"]:.0f}% of the '
+          'gap\n| method | tuned setting | points per step | points to '
+          'target | final gap (mean) | final gap (median) |\n'
+          '|---|---|---|---|---|---|')
+    for name, m in res['methods'].items():
+      print(f"| {name} | {m['setting']} | {m['points_per_step']} | "
+            f"{m['points_to_target'] or '—'} | {m['final_gap_mean']:.4g} | "
+            f"{m['final_gap_median']:.4g} |")
+
+
+def print_weights(check: dict) -> None:
+  print(f"\nrank weights, linear objective with unit gradient, d = "
+        f"{check['dim']}, m = {check['num_points']}, k = {check['top_k']}, "
+        f"{check['draws']:,} draws (mean ± standard error)\n| weights | "
+        'E[g].grad f | E||g||^2 | E[cos(g, grad f)] |\n|---|---|---|---|')
+  for weights in ('graph', 'reference'):
+    cells = ' | '.join(f'{mean:.4f} ± {error:.4f}' for mean, error in (
+        check[weights][name] for name in (
+            'mean_along_gradient', 'mean_squared_norm', 'mean_cosine')))
+    print(f'| {weights} | {cells} |')
+
+
+def print_policy(policy: dict) -> None:
+  print('\nCartPole-v1, linear policy: episodes to a mean return of 475, '
+        'final mean return\n| method | tuned setting | episodes to 475 | '
+        'final return |\n|---|---|---|---|')
+  for method, m in policy.items():
+    print(f"| {method} | {m['setting']} | {m['episodes_to_475'] or '—'} | "
+          f"{m['final_return']:.1f} |")
 
 
 def main(argv=None) -> dict:
@@ -398,30 +566,20 @@ def main(argv=None) -> dict:
   step_s = step_time_m64(5 if args.quick else 20)
   print(f'one jitted ZO-RankSGD step, m = 64, d = 100, CPU: '
         f'{1e3 * step_s:.3f} ms')
-  for problem, res in results.items():
-    print(f'\n{problem}: f0 = {res["f0"]:.4g}, f* = {res["f_star"]:.4g}, '
-          f'target = close {100 * res["target_fraction_of_gap"]:.0f}% of the '
-          'gap\n| method | tuned setting | points to target | final gap |\n'
-          '|---|---|---|---|')
-    for name, m in res['methods'].items():
-      print(f"| {name} | {m['setting']} | {m['points_to_target'] or '—'} | "
-            f"{m['final_gap_mean']:.4g} |")
+  print_synthetic(results)
   plot(results, os.path.join(args.out, 'ranksgd.png'))
+  weights = reference_weights_check(1_000 if args.quick else 100_000)
+  print_weights(weights)
   policy = policy_optimization(args.quick)
-  print('\nCartPole-v1, linear policy: episodes to a mean return of 475, '
-        'final mean return\n| method | tuned setting | episodes to 475 | '
-        'final return |\n|---|---|---|---|')
-  for method, m in policy.items():
-    print(f"| {method} | {m['setting']} | {m['episodes_to_475'] or '—'} | "
-          f"{m['final_return']:.1f} |")
+  print_policy(policy)
   plot_policy(policy, os.path.join(args.out, 'ranksgd_policy.png'))
   summary = {'quick': args.quick, 'step_ms_m64_cpu': 1e3 * step_s,
-             'results': results, 'policy': policy,
+             'results': results, 'rank_weights': weights, 'policy': policy,
              'seconds': time.time() - start}
   with open(os.path.join(args.out, 'ranksgd.json'), 'w') as f:
     json.dump(summary, f)
-  print(f'wrote {args.out}/ranksgd.json, ranksgd.png '
-        f'({summary["seconds"]:.0f} s)')
+  print(f'wrote {harness.shown(args.out)}/ranksgd.json, ranksgd.png, '
+        f'ranksgd_policy.png ({summary["seconds"]:.0f} s)')
   return summary
 
 

@@ -8,12 +8,22 @@ certified l2 robustness (Cohen et al., 2019). ``D`` is trained through the
 black box with zeroth-order gradients, taken with ``zojax.black_box``:
 
 * FO-DS: D fine-tuned with the true gradients of f (white-box upper bound);
-* ZO-DS: the ZO estimate on the 64-pixel denoiser output (RGE, directions
-  on the unit sphere, q = 16), backpropagated into D;
+* ZO-DS: the ZO estimate on the 64-pixel denoiser output (RGE, forward
+  differences, directions on the unit sphere), backpropagated into D; with
+  q = 16 (q = the latent size, as the paper's q = 192 on CIFAR-10) and with
+  q = 32 (the queries of central-difference ZO-AE-DS);
 * ZO-AE-DS: an autoencoder between D and f; the ZO estimate is taken in its
-  16-dimensional latent space on f(decoder(z)) (CGE: 16 coordinate queries,
-  the paper's best variant), backpropagated into the encoder and D; the
-  decoder is frozen. Same queries per example and step as ZO-DS.
+  16-dimensional latent space on f(decoder(z)) (CGE, the paper's best
+  variant), backpropagated into the encoder and D; the decoder is frozen.
+
+Two choices follow the reference code (damon-demon/Black-Box-Defense,
+``AE_DS_train.py``) by default and can be switched: ``--difference
+central`` (its CGE: (f(z + mu e_j) - f(z - mu e_j)) / 2 mu, 2 x 16 queries
+per example; ``forward``: 16 + f(z)) and ``--target clean_prediction`` (its
+default ``--ground_truth original_output``: the loss is the cross-entropy
+against the black box's prediction on the clean image, for FO-DS, ZO-DS and
+ZO-AE-DS alike; ``label``: the true label). The full run also trains
+ZO-AE-DS with each of the two other choices (ablation rows).
 
 All start from the same denoiser pre-trained with MSE (no classifier
 needed), which is also reported, with "no denoiser" (smoothing f itself).
@@ -21,7 +31,9 @@ Certification: CERTIFY of Cohen et al. with n0 = 100 selection samples,
 n = 1000 estimation samples (200 in quick mode), alpha = 0.001, smoothing
 sigma = 0.5 on pixels in [0, 1] (the largest radius n = 1000 samples can
 certify is 0.5 * Phi^-1(alpha^(1/n)) = 1.23); certified accuracy at l2
-radii 0-1.
+radii 0-1. Black-box queries count every example query of training: the
+estimate's, the forward value f(x) of each step, and (target
+``clean_prediction``) one prediction per training image, made once.
 
   python experiments/zo_ae_ds.py            # full run: JSON + PNG in results/
   python experiments/zo_ae_ds.py --quick    # small smoke run (ZOJAX_QUICK=1)
@@ -41,6 +53,7 @@ import optax
 from scipy import stats
 
 import zojax
+import harness
 from harness import run_arguments
 from zojax import data, models
 
@@ -49,6 +62,7 @@ RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 LATENT = 16
 QUERIES = 16
 ZO_SIGMA = 5e-3
+BATCH = 64
 
 
 class Denoiser(nn.Module):
@@ -85,7 +99,7 @@ def batches(key, num_examples, batch_size, steps):
           for k in keys]
 
 
-def fit(loss_fn, params, steps, lr, key, num_examples, batch_size=64):
+def fit(loss_fn, params, steps, lr, key, num_examples, batch_size=BATCH):
   """Adam on ``loss_fn(params, key, index)``; returns the trained params."""
   tx = optax.adam(lr)
   state = tx.init(params)
@@ -135,127 +149,178 @@ def certify(predict, images, labels, key, n0, n, alpha=1e-3):
                                   & (radii >= r))) for r in RADII}
 
 
-def main(argv=None) -> dict:
-  args = run_arguments(__doc__.splitlines()[0]).parse_args(argv)
-  os.makedirs(args.out, exist_ok=True)
-  start = time.time()
-  quick = args.quick
-  steps = 60 if quick else 1500
-  n_test, n_samples = (30, 200) if quick else (200, 1000)
-  ds = data.digits(test_fraction=0.25, seed=0)
-  x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
-  key = jax.random.PRNGKey(0)
-  keys = iter(jax.random.split(key, 16))
+DIFFERENCES = ('central', 'forward')
+TARGETS = ('clean_prediction', 'label')
 
-  # 1. The classifier: trained first-order on clean images, then a black box.
+
+def black_box_classifier(ds, quick, keys):
+  """The CNN, trained first-order on clean images, then only queried."""
+  x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
   cnn = models.SmallCNN((16, 32))
   cnn_params = cnn.init(next(keys), x_train[:1])['params']
   cnn_params = fit(
       lambda p, k, i: models.cross_entropy(
           cnn.apply({'params': p}, x_train[i]), y_train[i]),
       cnn_params, 200 if quick else 1500, 3e-3, next(keys), len(y_train))
-  logits_of = jax.jit(lambda x: cnn.apply({'params': cnn_params}, x))
-  clean_accuracy = float(models.accuracy(logits_of(ds.x_test), ds.y_test))
+  return jax.jit(lambda x: cnn.apply({'params': cnn_params}, x))
 
-  # 2. Pre-training with MSE only (no classifier): denoiser and autoencoder.
+
+def pretrain(x_train, steps, keys):
+  """Denoiser and autoencoder trained with MSE only (no classifier)."""
   noisy = lambda k, i: x_train[i] + SMOOTHING_SIGMA * jax.random.normal(
       k, x_train[i].shape)
   denoiser, encoder, decoder = Denoiser(), Encoder(), Decoder()
   den0 = denoiser.init(next(keys), x_train[:1])['params']
   den0 = fit(lambda p, k, i: jnp.mean(
       (denoiser.apply({'params': p}, noisy(k, i)) - x_train[i]) ** 2),
-      den0, steps, 1e-3, next(keys), len(y_train))
+      den0, steps, 1e-3, next(keys), len(x_train))
   ae0 = {'enc': encoder.init(next(keys), x_train[:1])['params'],
          'dec': decoder.init(next(keys), jnp.zeros((1, LATENT)))['params']}
   autoencode = lambda p, x: decoder.apply({'params': p['dec']}, encoder.apply(
       {'params': p['enc']}, x))
   ae0 = fit(lambda p, k, i: jnp.mean((autoencode(p, x_train[i])
                                       - x_train[i]) ** 2),
-            ae0, steps, 1e-3, next(keys), len(y_train))
+            ae0, steps, 1e-3, next(keys), len(x_train))
+  return den0, ae0
 
-  # 3. Fine-tuning through the classifier: FO, ZO on pixels, ZO in latent.
+
+def fine_tuning_losses(logits_of, x_train, targets, ae0):
+  """The defender's losses ``(params, key, index) -> loss`` towards
+  ``targets``: FO-DS, ZO-DS with ``q`` queries, ZO-AE-DS with a given
+  difference and targets."""
+  denoiser, encoder, decoder = Denoiser(), Encoder(), Decoder()
+  noisy = lambda k, i: x_train[i] + SMOOTHING_SIGMA * jax.random.normal(
+      k, x_train[i].shape)
+
   def fo_ds(p, k, i):
     out = denoiser.apply({'params': p}, noisy(k, i))
-    return jnp.mean(per_example_ce(cnn.apply({'params': cnn_params}, out),
-                                   y_train[i]))
+    return jnp.mean(per_example_ce(logits_of(out), targets[i]))
 
-  def zo_ds(p, k, i):
-    noise_key, zo_key = jax.random.split(k)
-    queried = zojax.black_box(
-        lambda imgs: per_example_ce(logits_of(imgs), y_train[i]), ZO_SIGMA,
-        num_queries=QUERIES, directions='sphere')
-    return jnp.mean(queried(zo_key, denoiser.apply({'params': p},
-                                                    noisy(noise_key, i))))
+  def zo_ds(queries):
+    def loss(p, k, i):
+      noise_key, zo_key = jax.random.split(k)
+      queried = zojax.black_box(
+          lambda imgs: per_example_ce(logits_of(imgs), targets[i]), ZO_SIGMA,
+          num_queries=queries, distribution='sphere')
+      return jnp.mean(queried(zo_key, denoiser.apply({'params': p},
+                                                      noisy(noise_key, i))))
+    return loss
 
-  def zo_ae_ds(p, k, i):
-    noise_key, zo_key = jax.random.split(k)
-    queried = zojax.black_box(
-        lambda z: per_example_ce(logits_of(decoder.apply(
-            {'params': ae0['dec']}, z)), y_train[i]),
-        ZO_SIGMA, directions='coordinates')
-    latent = encoder.apply({'params': p['enc']}, denoiser.apply(
-        {'params': p['den']}, noisy(noise_key, i)))
-    return jnp.mean(queried(zo_key, latent))
+  def zo_ae_ds(difference, labels):
+    def loss(p, k, i):
+      noise_key, zo_key = jax.random.split(k)
+      queried = zojax.black_box(
+          lambda z: per_example_ce(logits_of(decoder.apply(
+              {'params': ae0['dec']}, z)), labels[i]),
+          ZO_SIGMA, distribution='coordinates', difference=difference)
+      latent = encoder.apply({'params': p['enc']}, denoiser.apply(
+          {'params': p['den']}, noisy(noise_key, i)))
+      return jnp.mean(queried(zo_key, latent))
+    return loss
 
-  fine_steps = steps
-  fo_params = fit(fo_ds, den0, fine_steps, 1e-3, next(keys), len(y_train))
-  zo_params = fit(zo_ds, den0, fine_steps, 1e-3, next(keys), len(y_train))
-  zoae_params = fit(zo_ae_ds, {'den': den0, 'enc': ae0['enc']}, fine_steps,
-                    1e-3, next(keys), len(y_train))
+  return fo_ds, zo_ds, zo_ae_ds
 
-  pipelines = {
-      'no denoiser': logits_of,
-      'MSE-trained denoiser (no classifier)': lambda x: logits_of(
-          denoiser.apply({'params': den0}, x)),
-      'FO-DS (white-box)': lambda x: logits_of(
-          denoiser.apply({'params': fo_params}, x)),
-      'ZO-DS (RGE on 64 pixels, q=16)': lambda x: logits_of(
-          denoiser.apply({'params': zo_params}, x)),
-      'ZO-AE-DS (CGE on 16 latents)': lambda x: logits_of(decoder.apply(
-          {'params': ae0['dec']}, encoder.apply(
-              {'params': zoae_params['enc']}, denoiser.apply(
-                  {'params': zoae_params['den']}, x)))),
-  }
-  batch = 64
-  queries_per_step = {
-      'ZO-DS (RGE on 64 pixels, q=16)': batch * (QUERIES + 1),
-      'ZO-AE-DS (CGE on 16 latents)': batch * (LATENT + 1)}
+
+def pipelines(args, quick, logits_of, ds, keys):
+  """name -> (predict, black-box queries spent in training)."""
+  steps = 60 if quick else 1500
+  x_train, y_train = jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)
+  clean = jnp.argmax(logits_of(x_train), -1)  # one query per image, once
+  targets = {'clean_prediction': clean, 'label': y_train}
+  target_queries = {'clean_prediction': len(x_train), 'label': 0}
+  den0, ae0 = pretrain(x_train, steps, keys)
+  fo_ds, zo_ds, zo_ae_ds = fine_tuning_losses(
+      logits_of, x_train, targets[args.target], ae0)
+  denoiser, encoder, decoder = Denoiser(), Encoder(), Decoder()
+  denoise = lambda p: lambda x: logits_of(denoiser.apply({'params': p}, x))
+  through_ae = lambda p: lambda x: logits_of(decoder.apply(
+      {'params': ae0['dec']}, encoder.apply({'params': p['enc']},
+                                            denoiser.apply({'params': p['den']},
+                                                           x))))
+  train = lambda loss, start: fit(loss, start, steps, 1e-3, next(keys),
+                                  len(y_train))
+  per_step = lambda queries: BATCH * (queries + 1) * steps  # + f(x) each
+  latent_queries = {'central': 2 * LATENT, 'forward': LATENT}
+  out = {'no denoiser': (logits_of, 0),
+         'MSE-trained denoiser (no classifier)': (denoise(den0), 0),
+         'FO-DS (white-box)': (denoise(train(fo_ds, den0)), 0)}
+  for q in sorted({LATENT, latent_queries[args.difference]}):
+    out[f'ZO-DS (RGE on 64 pixels, q={q})'] = (
+        denoise(train(zo_ds(q), den0)),
+        per_step(q) + target_queries[args.target])
+  start = {'den': den0, 'enc': ae0['enc']}
+  runs = [(args.difference, args.target)]
+  if not quick:  # ablations: the other difference, the other target
+    runs += [(other, args.target) for other in DIFFERENCES
+             if other != args.difference]
+    runs += [(args.difference, other) for other in TARGETS
+             if other != args.target]
+  for difference, target in runs:
+    loss = zo_ae_ds(difference, targets[target])
+    name = f'ZO-AE-DS (CGE on {LATENT} latents, {difference}, {target})'
+    out[name] = (through_ae(train(loss, start)),
+                 per_step(latent_queries[difference])
+                 + target_queries[target])
+  return out
+
+
+def main(argv=None) -> dict:
+  parser = run_arguments(__doc__.splitlines()[0])
+  parser.add_argument('--difference', choices=DIFFERENCES, default='central',
+                      help="ZO-AE-DS's CGE differences (reference: central)")
+  parser.add_argument('--target', choices=TARGETS,
+                      default='clean_prediction',
+                      help='the class the denoiser is trained towards '
+                      "(reference: the black box's clean prediction)")
+  args = parser.parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  start = time.time()
+  quick = args.quick
+  n_test, n_samples = (30, 200) if quick else (200, 1000)
+  ds = data.digits(test_fraction=0.25, seed=0)
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 16))
+  logits_of = black_box_classifier(ds, quick, keys)
+  clean_accuracy = float(models.accuracy(logits_of(ds.x_test), ds.y_test))
   test_x, test_y = ds.x_test[:n_test], ds.y_test[:n_test]
+  noisy_test = jnp.asarray(ds.x_test) + SMOOTHING_SIGMA * jax.random.normal(
+      jax.random.PRNGKey(8), ds.x_test.shape)
   rows = []
-  for name, predict in pipelines.items():
-    certified = certify(predict, jnp.asarray(test_x), test_y,
-                        jax.random.PRNGKey(7), 100, n_samples)
-    noisy_test = jnp.asarray(ds.x_test) + SMOOTHING_SIGMA * jax.random.normal(
-        jax.random.PRNGKey(8), ds.x_test.shape)
+  for name, (predict, queries) in pipelines(args, quick, logits_of, ds,
+                                            keys).items():
     rows.append({
-        'method': name, 'certified_accuracy': certified,
+        'method': name,
+        'certified_accuracy': certify(predict, jnp.asarray(test_x), test_y,
+                                      jax.random.PRNGKey(7), 100, n_samples),
         'noisy_accuracy': float(models.accuracy(predict(noisy_test),
                                                 ds.y_test)),
-        'black_box_queries': (queries_per_step[name] * fine_steps
-                              if name in queries_per_step else 0)})
+        'black_box_queries': queries})
     print(name, rows[-1], flush=True)
+  print_table(rows, clean_accuracy, n_test, n_samples)
+  plot(rows, os.path.join(args.out, 'zo_ae_ds.png'))
+  result = {'quick': quick, 'config': harness.config(args),
+            'clean_accuracy': clean_accuracy,
+            'smoothing_sigma': SMOOTHING_SIGMA, 'test_images': n_test,
+            'certify_samples': n_samples, 'alpha': 1e-3,
+            'fine_tune_steps': 60 if quick else 1500, 'rows': rows,
+            'seconds': time.time() - start}
+  with open(os.path.join(args.out, 'zo_ae_ds.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  print(f'wrote {harness.shown(args.out)}/zo_ae_ds.json, zo_ae_ds.png '
+        f'({result["seconds"]:.0f} s)')
+  return result
 
+
+def print_table(rows, clean_accuracy, n_test, n_samples):
   print(f'\nclassifier clean test accuracy {clean_accuracy:.3f}; smoothing '
         f'sigma {SMOOTHING_SIGMA}; {n_test} test images, n = {n_samples}\n')
   header = ' | '.join(f'r = {r:g}' for r in RADII)
   print(f'| method | {header} | noisy acc. | black-box queries |\n|---|'
         + '---|' * (len(RADII) + 2))
   for r in rows:
-    cells = ' | '.join(f"{r['certified_accuracy'][f'{x:g}']:.2f}"
+    cells = ' | '.join(f"{r['certified_accuracy'][f'{x:g}']:.3f}"
                        for x in RADII)
     print(f"| {r['method']} | {cells} | {r['noisy_accuracy']:.3f} | "
           f"{r['black_box_queries']:,} |")
-  plot(rows, os.path.join(args.out, 'zo_ae_ds.png'))
-  result = {'quick': quick, 'clean_accuracy': clean_accuracy,
-            'smoothing_sigma': SMOOTHING_SIGMA, 'test_images': n_test,
-            'certify_samples': n_samples, 'alpha': 1e-3,
-            'fine_tune_steps': fine_steps, 'rows': rows,
-            'seconds': time.time() - start}
-  with open(os.path.join(args.out, 'zo_ae_ds.json'), 'w') as f:
-    json.dump(result, f, indent=1)
-  print(f'wrote {args.out}/zo_ae_ds.json, zo_ae_ds.png '
-        f'({result["seconds"]:.0f} s)')
-  return result
 
 
 def plot(rows, path):

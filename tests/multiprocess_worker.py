@@ -65,6 +65,16 @@ def main(process_id: int, port: int, out: str) -> None:
   trained, _ = run_steps(tx, params, loss, 5, batch=global_batch)
   results['zo_adam_5_steps'] = local_copy(trained)
 
+  # MeZO (DistZO2): the batch over the processes, the +/- evaluations of
+  # each query over each process's 2 devices, 3 in-place steps.
+  tx = zojax.mezo(1e-2, 1e-2, num_queries=2, seed=3, mesh=mesh,
+                  query_axis='q', data_axis='data')
+  step = jax.jit(lambda p, s, b: tx.step(p, s, obj_fn=loss, batch=b))
+  mezo_params, state = params, tx.init(params)
+  for _ in range(3):
+    mezo_params, state = step(mezo_params, state, global_batch)
+  results['mezo_3_steps'] = local_copy(mezo_params)
+
   flat = {f'{name}/{jax.tree_util.keystr(path)}': leaf
           for name, tree in results.items()
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}

@@ -3,6 +3,8 @@
 import importlib.util
 import json
 import os
+import pathlib
+import re
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,3 +39,15 @@ def test_bench_deepzero_quick(tmp_path):
   (row,) = report['rows']
   assert row['method'] == 'reuse' and row['step_s'] > 0
   assert row['cosine_to_autodiff'] > 0.99  # feature reuse CGE is CGE
+
+
+def test_committed_outputs_hold_no_absolute_machine_paths():
+  root = pathlib.Path(__file__).resolve().parents[1]
+  pattern = re.compile(r'(?<![\w.])/(?:root|home|work|tmp|Users)/')
+  offenders = []
+  for path in list((root / 'experiments' / 'results').glob('*.json')) + list(
+      (root / 'experiments' / 'results').glob('*.log')) + list(
+          (root / 'notebooks').glob('*.ipynb')):
+    if pattern.search(path.read_text(errors='replace')):
+      offenders.append(path.name)
+  assert not offenders, offenders

@@ -32,7 +32,13 @@ def _single_process_results():
     return jax.jit(lambda p, s: tx.update(None, s, p, obj_fn=obj_fn))(
         params, tx.init(params))[0]
 
+  mezo = zojax.mezo(1e-2, 1e-2, num_queries=2, seed=3)
+  step = jax.jit(lambda p, s: mezo.step(p, s, obj_fn=obj_fn))
+  mezo_params, state = params, mezo.init(params)
+  for _ in range(3):
+    mezo_params, state = step(mezo_params, state)
   return {
+      'mezo_3_steps': mezo_params,
       'rge_queries': estimate(zojax.rge(8, 1e-2)),
       'cge_queries_and_data': estimate(zojax.cge(1e-2, num_coords=8)),
       'zo_adam_5_steps': run_steps(

@@ -16,9 +16,8 @@ ALIASES = ('zo_sgd', 'zo_sgd_momentum', 'zo_sign_sgd', 'zo_sgd_conservative',
 
 def _explicit_two_point(params, obj_fn, state, sigma=1e-3):
   """ZO-Bench's g and z for one query, rebuilt from the estimator's ask."""
-  _, step_key = jax.random.split(state.key)
   tx = zojax.rge(1, sigma, difference='central')
-  points = tx.ask(step_key, params)
+  points = tx.ask(tx.init(params)._replace(key=state.key), params)
   z = jax.tree.map(lambda p, x: (x[0] - p) / sigma, params, points)
   plus = jax.tree.map(lambda x: x[0], points)
   minus = jax.tree.map(lambda x: x[1], points)

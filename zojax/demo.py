@@ -88,13 +88,17 @@ def train(method: Method, dataset: data_lib.Dataset, *, eval_budget: int,
   else:
     evals_per_step, total_steps = 1, fo_steps
     steps_per_log = max(1, fo_steps // 200)
+  # whole chunks only: every call of `run` has the same length, so it
+  # compiles once (a shorter last chunk would compile again)
+  steps_per_log = min(steps_per_log, total_steps)
+  total_steps -= total_steps % steps_per_log
   log = dict(method=method.name, evals=[], steps=[], test_accuracy=[],
              seconds=[])
   key = jax.random.PRNGKey(seed + 1)
   bar = _progress(total_steps, method.name)
   done, elapsed = 0, 0.0
   while done < total_steps:
-    n = min(steps_per_log, total_steps - done)
+    n = steps_per_log
     key, sub = jax.random.split(key)
     start = time.perf_counter()
     params, state, acc = run(params, state, jax.random.split(sub, n))

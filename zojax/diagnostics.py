@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from zojax._src.stats import estimate_info
+from zojax._src.core import keys as keys_lib
+from zojax._src.core.stats import estimate_info
 
 
 class GradientComparison(NamedTuple):
@@ -57,7 +58,8 @@ def estimates_over_keys(
 
   def one(key):
     update, new_state = estimator.update(
-        None, state._replace(key=key), params, obj_fn=obj_fn)
+        None, state._replace(key=keys_lib.key_data(key)), params,
+        obj_fn=obj_fn)
     return _flat(update), new_state.stats
 
   rows, stats = jax.jit(

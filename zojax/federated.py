@@ -1,31 +1,33 @@
 """Federated zeroth-order optimization simulations: FedZO (with FedProx and
-SCAFFOLD corrections), FZooS and FedKSeed.
+SCAFFOLD corrections), FZooS (``fed_fzoos``) and FedKSeed.
 
 Clients are a ``vmap`` axis (split over a device mesh axis when one is
 given); every algorithm counts its queries and the bytes it communicates.
-See :mod:`zojax._src.federated` for the conventions.
+See :mod:`zojax._src.federated.protocol` for the conventions.
 """
 
-from zojax._src.fed_fzoos import FedFZooSState
-from zojax._src.fed_fzoos import fzoos
-from zojax._src.fed_problems import FederatedProblem
-from zojax._src.fed_problems import heterogeneous_quadratic
-from zojax._src.federated import BYTES_PER_NUMBER
-from zojax._src.federated import Clients
-from zojax._src.federated import FederatedAlgorithm
-from zojax._src.federated import RoundInfo
-from zojax._src.federated import run
-from zojax._src.fedkseed import FedKSeedState
-from zojax._src.fedkseed import SeedMessages
-from zojax._src.fedkseed import fedkseed
-from zojax._src.fedkseed import reconstruct
-from zojax._src.fedkseed import seed_direction
-from zojax._src.fedkseed import seed_probabilities
-from zojax._src.fedzo import FedZOState
-from zojax._src.fedzo import fedzo
-from zojax._src.fedzo import orthonormal_estimate
-from zojax._src.surrogate import FourierFeatures
-from zojax._src.surrogate import QueryHistory
+from zojax._src.estimators.surrogate import FourierFeatures
+from zojax._src.estimators.surrogate import QueryHistory
+from zojax._src.federated.fedkseed import FedKSeedState
+from zojax._src.federated.fedkseed import SeedMessages
+from zojax._src.federated.fedkseed import fedkseed
+from zojax._src.federated.fedkseed import reconstruct
+from zojax._src.federated.fedkseed import seed_direction
+from zojax._src.federated.fedkseed import seed_probabilities
+from zojax._src.federated.fedzo import FedZOState
+from zojax._src.federated.fedzo import fedzo
+from zojax._src.federated.fedzo import orthonormal_estimate
+from zojax._src.federated.fzoos import FedFZooSState
+from zojax._src.federated.fzoos import fed_fzoos
+from zojax._src.federated.problems import FederatedProblem
+from zojax._src.federated.problems import heterogeneous_quadratic
+from zojax._src.federated.protocol import BYTES_PER_NUMBER
+from zojax._src.federated.protocol import Clients
+from zojax._src.federated.protocol import FederatedAlgorithm
+from zojax._src.federated.protocol import RoundInfo
+from zojax._src.federated.protocol import run
+
+fzoos = fed_fzoos  # the former name (it shadowed zojax.fzoos on import *)
 
 
 def fedprox(local_steps: int, *, prox: float = 1.0, **kwargs):
@@ -58,7 +60,7 @@ __all__ = (
     'fedkseed',
     'fedprox',
     'fedzo',
-    'fzoos',
+    'fed_fzoos',
     'heterogeneous_quadratic',
     'orthonormal_estimate',
     'reconstruct',

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-from zojax._src.feature_reuse import apply_stages, feature_reuse_cge
+from zojax._src.estimators.feature_reuse import apply_stages, feature_reuse_cge
 
 __all__ = ('apply_stages', 'feature_reuse_cge', 'init_stages',
            'module_stages')

@@ -1,10 +1,10 @@
-"""Parameter selection for zeroth-order estimators.
+"""Parameter selection for zeroth-order estimators (``mask=``).
 
 Every function here returns a *mask rule*: a callable ``params -> mask`` that
-``zojax.rge(mask=...)`` and ``zojax.cge(mask=...)`` accept (as does
-``optax.masked``). A mask is a pytree like ``params`` whose leaves are Python
-bools (a whole leaf in or out, known when tracing, so frozen leaves cost
-nothing) or boolean arrays (coordinate-wise selection).
+the estimators' ``mask=`` accepts (as does ``optax.masked``). A mask is a
+pytree like ``params`` whose leaves are Python bools (a whole leaf in or out,
+known when tracing, so frozen leaves cost nothing) or boolean arrays
+(coordinate-wise selection).
 
 Example::
 
@@ -14,175 +14,12 @@ Example::
   tx = zojax.rge(16, 1e-3, mask=both)
 """
 
-from __future__ import annotations
+from zojax._src.core.masks import MagnitudeThresholds
+from zojax._src.core.masks import by_magnitude
+from zojax._src.core.masks import by_path
+from zojax._src.core.masks import count_selected
+from zojax._src.core.masks import intersect
+from zojax._src.core.masks import sparse_mezo
 
-import re
-from typing import Any, Callable, Iterable, Union
-
-import jax
-import jax.numpy as jnp
-
-from zojax._src.perturbable import leaf_paths, resolve_mask
-
-MaskRule = Callable[[Any], Any]
-
-
-def by_path(pattern: Union[str, Iterable[str]], *,
-            exclude: bool = False) -> MaskRule:
-  """Selects whole leaves whose '/'-joined path matches a regex.
-
-  Paths look like ``'params/Dense_0/kernel'`` (``jax.tree_util.keystr`` with
-  ``simple=True, separator='/'``); matching uses ``re.search``.
-
-  Args:
-    pattern: a regex, or several (a leaf is selected if any matches).
-    exclude: select the leaves that do *not* match instead.
-
-  Returns:
-    A mask rule producing Python bools (static: frozen leaves cost nothing).
-  """
-  patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-  compiled = [re.compile(p) for p in patterns]
-
-  def rule(params):
-    selected = [any(c.search(path) for c in compiled) != exclude
-                for path in leaf_paths(params)]
-    return jax.tree.unflatten(jax.tree.structure(params), selected)
-
-  return rule
-
-
-def by_magnitude(keep_fraction: float, *, keep: str = 'smallest') -> MaskRule:
-  """Selects, in every leaf, the entries of smallest (or largest) magnitude.
-
-  The threshold is the per-leaf quantile of ``|θ|``, so each leaf keeps about
-  ``keep_fraction`` of its entries (ties may keep a few more). It is computed
-  from the params it is called on, so used as ``mask=`` it follows the
-  parameters during training; call it once outside ``jit`` to freeze it.
-
-  Args:
-    keep_fraction: fraction of each leaf to select, in (0, 1].
-    keep: ``'smallest'`` (Sparse MeZO's choice) or ``'largest'``.
-
-  Returns:
-    A mask rule producing boolean arrays.
-  """
-  if not 0.0 < keep_fraction <= 1.0:
-    raise ValueError(f'keep_fraction must be in (0, 1], got {keep_fraction}.')
-  if keep not in ('smallest', 'largest'):
-    raise ValueError(f"keep must be 'smallest' or 'largest', got {keep!r}.")
-
-  def leaf_mask(leaf):
-    magnitude = jnp.abs(leaf.astype(jnp.float32))
-    if keep == 'smallest':
-      return magnitude <= jnp.quantile(magnitude, keep_fraction)
-    return magnitude >= jnp.quantile(magnitude, 1.0 - keep_fraction)
-
-  return lambda params: jax.tree.map(leaf_mask, params)
-
-
-def intersect(*rules: MaskRule) -> MaskRule:
-  """Coordinates selected by every rule (logical and)."""
-  if not rules:
-    raise ValueError('intersect needs at least one mask rule.')
-
-  def rule(params):
-    resolved = [resolve_mask(r, params) for r in rules]
-    combined = []
-    for per_leaf in zip(*resolved):
-      if any(m is False for m in per_leaf):
-        combined.append(False)
-        continue
-      arrays = [m for m in per_leaf if m is not True]
-      combined.append(True if not arrays else
-                      jnp.logical_and.reduce(jnp.stack(arrays)))
-    return jax.tree.unflatten(jax.tree.structure(params), combined)
-
-  return rule
-
-
-def count_selected(mask, params) -> int:
-  """Number of coordinates a mask (or mask rule) selects in ``params``."""
-  total = 0
-  for leaf, m in zip(jax.tree.leaves(params), resolve_mask(mask, params)):
-    total += int(jnp.size(leaf)) if m is True else int(jnp.sum(m))
-  return total
-
-
-class MagnitudeThresholds:
-  r"""Sparse MeZO's mask: the entries with :math:`|\theta| \le h_l`.
-
-  A mask rule (``params -> boolean arrays``, usable wherever zojax takes a
-  mask) that holds only the thresholds :math:`h_l`: one per leaf, or one per
-  slice along the leading axis for stacked layers. :func:`zojax.mezo`
-  recognises it and evaluates :math:`|\theta| \le h_l` on the fly, slice by
-  slice inside the forward and in the update, so no mask is stored. Build it
-  with :func:`sparse_mezo`.
-
-  Attributes:
-    thresholds: a pytree like the params: a scalar (or a vector with one
-      value per leading-axis slice) per leaf.
-  """
-
-  def __init__(self, thresholds):
-    self.thresholds = thresholds
-
-  def per_leaf(self, params) -> list[jax.Array]:
-    """The thresholds in the flattening order of ``params`` (checked)."""
-    leaves, treedef = jax.tree.flatten(params)
-    h_leaves, h_treedef = jax.tree.flatten(self.thresholds)
-    if h_treedef != treedef:
-      raise ValueError('sparse_mezo thresholds were computed for params of a '
-                       'different structure.')
-    for path, leaf, h in zip(leaf_paths(params), leaves, h_leaves):
-      if jnp.ndim(h) not in (0, 1) or (jnp.ndim(h) == 1 and
-                                       jnp.shape(h)[0] != jnp.shape(leaf)[0]):
-        raise ValueError(f'threshold of {path!r} has shape {jnp.shape(h)}; '
-                         'expected () or (leading axis of the leaf,).')
-    return h_leaves
-
-  def __call__(self, params):
-    leaves, treedef = jax.tree.flatten(params)
-
-    def leaf_mask(leaf, h):
-      h = jnp.reshape(h, jnp.shape(h) + (1,) * (leaf.ndim - jnp.ndim(h)))
-      return jnp.abs(leaf) <= h.astype(leaf.dtype)
-
-    return jax.tree.unflatten(
-        treedef, [leaf_mask(x, h) for x, h in zip(leaves, self.per_leaf(params))])
-
-
-def sparse_mezo(params, sparsity: float, *,
-                stacked: Union[str, None] = None) -> MagnitudeThresholds:
-  r"""Sparse MeZO's per-layer magnitude thresholds (Liu et al., 2024).
-
-  :math:`h_l` is the :math:`(1 - s)`-quantile of :math:`|\theta_l|` in each
-  layer :math:`l`, so a fraction ``sparsity`` :math:`s` of the largest
-  weights is frozen and the small ones are perturbed and updated. The
-  thresholds stay fixed; the mask :math:`|\theta_t| \le h_l` follows the
-  parameters as they move.
-
-  Args:
-    params: the (pre-trained) parameters to compute the thresholds on.
-    sparsity: fraction of each layer frozen, in [0, 1).
-    stacked: regex of leaf paths whose leading axis stacks layers (e.g.
-      ``'blocks'`` for :class:`zojax.models.Decoder`): one threshold per
-      slice. Other leaves get one threshold each.
-
-  Returns:
-    A :class:`MagnitudeThresholds` mask rule.
-  """
-  if not 0.0 <= sparsity < 1.0:
-    raise ValueError(f'sparsity must be in [0, 1), got {sparsity}.')
-  pattern = re.compile(stacked) if stacked else None
-
-  def threshold(path, leaf):
-    magnitude = jnp.abs(jnp.asarray(leaf, jnp.float32))
-    if pattern is not None and pattern.search(path) and magnitude.ndim >= 1:
-      rows = magnitude.reshape(magnitude.shape[0], -1)
-      return jnp.quantile(rows, 1.0 - sparsity, axis=1)
-    return jnp.quantile(magnitude, 1.0 - sparsity)
-
-  leaves, treedef = jax.tree.flatten(params)
-  return MagnitudeThresholds(jax.tree.unflatten(
-      treedef, [threshold(p, x) for p, x in zip(leaf_paths(params), leaves)]))
+__all__ = ('MagnitudeThresholds', 'by_magnitude', 'by_path',
+           'count_selected', 'intersect', 'sparse_mezo')

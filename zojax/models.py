@@ -9,6 +9,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from zojax._src.quantization import BITS, QuantizedDense, quantize
+
+__all__ = ('BasicBlock', 'BatchStatNorm', 'ConvPool', 'Decoder',
+           'DecoderBlock', 'DenseHead', 'MLP', 'QuantizedDense', 'ResNet20',
+           'ResNetStem', 'SmallCNN', 'accuracy', 'cross_entropy',
+           'next_token_loss', 'num_params', 'quantize')
+
 
 class MLP(nn.Module):
   """A ReLU multilayer perceptron on flattened inputs.
@@ -163,18 +170,27 @@ class ResNet20(nn.Module):
 
 class DecoderBlock(nn.Module):
   """A pre-norm transformer decoder layer: causal multi-head self-attention
-  and a GELU MLP, each with a residual connection."""
+  and a GELU MLP, each with a residual connection. With ``quantization``
+  ('int8' or 'int4') its four linear layers are :class:`QuantizedDense`."""
 
   num_heads: int
   d_ff: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  quantization: Optional[str] = None
+  group_size: int = 64
+
+  def _dense(self, features: int, name: str) -> nn.Module:
+    if self.quantization is None:
+      return nn.Dense(features, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name)
+    return QuantizedDense(features, BITS[self.quantization], self.group_size,
+                          self.dtype, self.param_dtype, name=name)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, length, width = x.shape
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype,
-                                     param_dtype=self.param_dtype, name=name)
+    dense = self._dense
     norm = lambda name: nn.LayerNorm(dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     qkv = dense(3 * width, 'qkv')(norm('attn_norm')(x))
@@ -196,7 +212,7 @@ class Decoder(nn.Module):
   :math:`12 L d^2 + (V + T) d` parameters.
 
   ``__call__(tokens, perturbation=None)``: with a
-  :class:`zojax._src.seeded_noise.Perturbation` (given by
+  :class:`zojax._src.estimators.perturbation.Perturbation` (given by
   :func:`zojax.mezo` to its ``perturbed_fn``), every part is perturbed right
   before it is used, each layer inside the scan, so a MeZO step holds one
   perturbed layer at a time (the memory of inference).
@@ -206,6 +222,11 @@ class Decoder(nn.Module):
     d_ff: MLP width (default ``4 * d_model``).
     max_len: longest sequence (size of the position table).
     dtype: computation dtype; param_dtype: parameter dtype.
+    quantization: ``None``, ``'int8'`` or ``'int4'``: the blocks' linear
+      layers hold integer codes and per-group scales, dequantized on the fly
+      (:mod:`zojax._src.quantization`; :func:`quantize` converts a float
+      decoder's params; :func:`zojax.qzo` fine-tunes the scales).
+    group_size: input rows per scale of the quantized layers.
   """
 
   vocab_size: int = 64
@@ -216,11 +237,14 @@ class Decoder(nn.Module):
   max_len: int = 64
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  quantization: Optional[str] = None
+  group_size: int = 64
 
   @nn.nowrap
   def block(self) -> DecoderBlock:
     return DecoderBlock(self.num_heads, self.d_ff or 4 * self.d_model,
-                        self.dtype, self.param_dtype)
+                        self.dtype, self.param_dtype, self.quantization,
+                        self.group_size)
 
   @nn.nowrap
   def _norm(self) -> nn.LayerNorm:
@@ -228,7 +252,6 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, perturbation=None) -> jax.Array:
-    length = tokens.shape[1]
     probe = jnp.zeros((1, 1, self.d_model), self.dtype)
     embed = self.param('embed', nn.initializers.normal(0.02),
                        (self.vocab_size, self.d_model), self.param_dtype)
@@ -240,21 +263,45 @@ class Decoder(nn.Module):
     final_norm = self.param('final_norm', lambda k: self._norm().init(
         k, probe)['params'])
 
-    if perturbation is None:
-      x = jnp.take(embed, tokens, axis=0)
-    else:  # only the looked-up rows of the table are perturbed
-      x = perturbation.rows(embed, 'embed', tokens)
-      pos = perturbation.tree(pos, 'pos')
-      final_norm = perturbation.tree(final_norm, 'final_norm')
-    x = (x + pos[:length][None]).astype(self.dtype)
+    rest = {'embed': embed, 'pos': pos, 'final_norm': final_norm}
+    x = self.embed_tokens(rest, tokens, perturbation)
 
     def layer(x, inputs):
       layer_params, index = inputs
       if perturbation is not None:
         layer_params = perturbation.layer(layer_params, 'blocks', index)
-      return self.block().apply({'params': layer_params}, x), None
+      return self.apply_layer(layer_params, x), None
 
     x, _ = jax.lax.scan(layer, x, (blocks, jnp.arange(self.num_layers)))
+    return self.logits(rest, x, perturbation)
+
+  # The three parts of the forward, as functions of explicit params (the
+  # non-stacked ``rest``, one layer's params): what a streaming step that
+  # holds one layer at a time (zojax.offload) composes.
+
+  @nn.nowrap
+  def embed_tokens(self, rest, tokens: jax.Array, perturbation=None):
+    """Token and position embeddings of ``tokens`` (``rest``: the params
+    without ``'blocks'``); only the looked-up rows are perturbed."""
+    pos = rest['pos']
+    if perturbation is None:
+      x = jnp.take(rest['embed'], tokens, axis=0)
+    else:
+      x = perturbation.rows(rest['embed'], 'embed', tokens)
+      pos = perturbation.tree(pos, 'pos')
+    return (x + pos[:tokens.shape[1]][None]).astype(self.dtype)
+
+  @nn.nowrap
+  def apply_layer(self, layer_params, x: jax.Array) -> jax.Array:
+    """One decoder layer with its own (unstacked) params."""
+    return self.block().apply({'params': layer_params}, x)
+
+  @nn.nowrap
+  def logits(self, rest, x: jax.Array, perturbation=None) -> jax.Array:
+    """The final norm and the tied output layer."""
+    final_norm, embed = rest['final_norm'], rest['embed']
+    if perturbation is not None:
+      final_norm = perturbation.tree(final_norm, 'final_norm')
     x = self._norm().apply({'params': final_norm}, x)
     if perturbation is None:
       return jnp.einsum('btd,vd->btv', x, embed.astype(self.dtype))
