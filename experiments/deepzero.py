@@ -319,7 +319,7 @@ def plot(result, path):
     for method, color in COLORS.items():
       acc = [final(m, method, comparison)['test_accuracy']
              for m in result['models']]
-      ax.plot(dims, acc, 'o-', color=color, label=method,
+      ax.plot(dims, acc, marker='o', color=color, label=method,
               linestyle='--' if method == 'fo' else '-')
     ax.set(xscale='log', xlabel='parameters d', ylabel='test accuracy',
            title=title)

@@ -79,9 +79,9 @@ def rank_estimator(
     \xi_{(r)}`, minus the :math:`k` best candidates' directions, a term that
     is not zero-mean (the best candidates lean against the gradient). For a
     linear objective with unit gradient, :math:`d = 100`, :math:`m = 10`,
-    :math:`k = 5`, 100,000 draws: :math:`E[\hat g]^\top\nabla f` = 1.255
-    (graph) and 1.361 (reference), :math:`E\|\hat g\|^2` = 25.15 and
-    29.80, cosine of :math:`\hat g` with :math:`\nabla f` 0.250 and 0.249
+    :math:`k = 5`, 100,000 draws: :math:`E[\hat g]^\top\nabla f` = 1.254
+    (graph) and 1.360 (reference), :math:`E\|\hat g\|^2` = 25.11 and
+    29.84, cosine of :math:`\hat g` with :math:`\nabla f` 0.251 and 0.250
     (``reference_weights_check`` in ``experiments/ranksgd.py``). Not
     combinable with ``normalize`` (these weights come from no edge set).
 
