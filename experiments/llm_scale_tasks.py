@@ -58,24 +58,31 @@ def _peak_gib(device=None):
   return stats.get('peak_bytes_in_use', float('nan')) / GiB
 
 
+def _run_mezo(model, tx, params, tokens, repeats, warmups=1):
+  """Times the donated, jitted ``tx.step`` of ``model``'s perturbed loss;
+  ``(best, first, params after the runs)``."""
+  step = jax.jit(lambda p, s, t: tx.step(p, s, perturbed_fn=_perturbed_loss(
+      model), batch=t), donate_argnums=(0, 1))
+  holder = {'p': params, 's': tx.init(params)}
+
+  def call():
+    holder['p'], holder['s'] = step(holder['p'], holder['s'], tokens)
+    return holder['s'].stats.value
+
+  best, first = _timed(call, repeats, warmups)
+  return best, first, holder['p']
+
+
 def on_device(config, prefix='fit', batch=None, seq=None):
   model = _decoder(config, prefix)
   batch, seq = batch or config['batch'], seq or config['seq']
   tokens = _tokens(config, batch, seq)
   params = jax.jit(lambda: model.init(jax.random.key(0),
                                       tokens[:1, :4])['params'])()
-  tx = zojax.mezo(1e-6, 1e-3)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, t: tx.step(p, s, perturbed_fn=_perturbed_loss(
-      model), batch=t), donate_argnums=(0, 1))
-  holder = {'p': params, 's': state}
-
-  def call():
-    holder['p'], holder['s'] = step(holder['p'], holder['s'], tokens)
-    return holder['s'].stats.value
-
-  best, first = _timed(call, config['repeats'])
-  return {'params_billion': models.num_params(params) / 1e9,
+  num_params = models.num_params(params)
+  best, first, _ = _run_mezo(model, zojax.mezo(1e-6, 1e-3), params, tokens,
+                             config['repeats'])
+  return {'params_billion': num_params / 1e9,
           'step_s': best, 'first_call_s': first,
           'tokens_per_s': batch * seq / best, 'peak_gib': _peak_gib()}
 
@@ -137,21 +144,14 @@ def distributed(config, num_queries, devices, split):
                          devices=jax.devices()[:devices])
     mesh_args = ({'mesh': mesh, 'query_axis': 'q'} if split == 'q' else
                  {'mesh': mesh, 'data_axis': 'data'})
-  tx = zojax.mezo(1e-6, 1e-3, num_queries, **mesh_args)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, t: tx.step(p, s, perturbed_fn=_perturbed_loss(
-      model), batch=t), donate_argnums=(0, 1))
-  holder = {'p': params, 's': state}
-
-  def call():
-    holder['p'], holder['s'] = step(holder['p'], holder['s'], tokens)
-    return holder['s'].stats.value
-
-  best, first = _timed(call, config['repeats'], warmups=2)
+  num_params = models.num_params(params)
+  best, first, _ = _run_mezo(
+      model, zojax.mezo(1e-6, 1e-3, num_queries, **mesh_args), params, tokens,
+      config['repeats'], warmups=2)
   return {'devices': devices, 'split': split, 'num_queries': num_queries,
           'step_s': best, 'first_call_s': first,
           'tokens_per_s': batch * seq / best,
-          'params_billion': models.num_params(params) / 1e9}
+          'params_billion': num_params / 1e9}
 
 
 def _tensor_parallel(path: str, leaf, mesh):
@@ -182,19 +182,10 @@ def sharded(config):
           shapes))])
   params = jax.jit(lambda: model.init(jax.random.key(0), tokens[:1, :4])[
       'params'], out_shardings=shardings)()
-  tx = zojax.mezo(1e-6, 1e-3)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s, t: tx.step(p, s, perturbed_fn=_perturbed_loss(
-      model), batch=t), donate_argnums=(0, 1))
-  holder = {'p': params, 's': state}
-
-  def call():
-    holder['p'], holder['s'] = step(holder['p'], holder['s'], tokens)
-    return holder['s'].stats.value
-
-  best, first = _timed(call, config['repeats'], warmups=2)
+  best, first, params = _run_mezo(model, zojax.mezo(1e-6, 1e-3), params,
+                                  tokens, config['repeats'], warmups=2)
   kept = all(a.sharding.is_equivalent_to(b, a.ndim) for a, b in zip(
-      jax.tree.leaves(holder['p']), jax.tree.leaves(shardings)))
+      jax.tree.leaves(params), jax.tree.leaves(shardings)))
   bytes_total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
   return {'params_billion': models.num_params(shapes) / 1e9,
           'params_gib': bytes_total / GiB, 'step_s': best,
