@@ -51,3 +51,19 @@ def test_committed_outputs_hold_no_absolute_machine_paths():
     if pattern.search(path.read_text(errors='replace')):
       offenders.append(path.name)
   assert not offenders, offenders
+
+
+def test_bench_generator_quick(tmp_path):
+  rows = _load('bench_generator').main([
+      '--quick', '--repeats', '1', '--generators', 'floor', 'zojax',
+      'threefry16_erfinv', '--out', str(tmp_path)])
+  assert set(rows) == {'floor', 'zojax', 'threefry16_erfinv'}
+  assert all(r['pass_s'] > 0 for r in rows.values())
+
+
+def test_profile_step_quick(tmp_path):
+  table = _load('profile_step').main(['--quick', '--method', 'inference',
+                                      '--calls', '1', '--json',
+                                      str(tmp_path / 'profile.json')])
+  assert table and all(row['events_per_call'] > 0 for row in table.values())
+  assert json.loads((tmp_path / 'profile.json').read_text())['lines']

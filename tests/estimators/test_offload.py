@@ -36,7 +36,14 @@ class OffloadTest(absltest.TestCase):
           isinstance(x, np.ndarray) or x.sharding.memory_kind == 'pinned_host'
           for x in jax.tree.leaves(layer)))
     for _ in range(3):
-      host, host_state = offloaded.step(host, host_state, tokens)
+      old_leaves = jax.tree.leaves(host.layers)
+      new_host, host_state = offloaded.step(host, host_state, tokens)
+      # each layer's slot is rewritten in place (host memory holds one
+      # model, not the old and the new one)
+      self.assertIs(new_host.layers, host.layers)
+      self.assertTrue(all(a is not b for a, b in zip(
+          old_leaves, jax.tree.leaves(new_host.layers))))
+      host = new_host
     got = offloaded.gather(host, host_state)
     chex.assert_trees_all_close(got, reference, rtol=1e-4, atol=1e-6)
     info, want = (zojax.estimate_info(host_state),

@@ -166,11 +166,15 @@ class OffloadedMeZO:
   # --- one step -----------------------------------------------------------
   def step(self, host: HostParams, state: OffloadState,
            batch) -> tuple[HostParams, OffloadState]:
+    """One step. ``host`` is consumed like a donated buffer: each layer's
+    slot in ``host.layers`` is replaced by its updated copy as soon as that
+    is parked, so host memory holds the model plus one layer, not two
+    models (keep no other reference to the old layers)."""
     key, step_key = keys.advance(state.key)
     sigma = checks.value_at(self.sigma, state.count)
     rest = self._rest(host.rest, state.pending_key, state.pending)
     x = self._embed(rest, batch, step_key, sigma)
-    layers = list(host.layers)
+    layers = host.layers  # rewritten in place, as a donated buffer would be
     upcoming = self._upload(layers[0])
     for index in range(self._num_layers):
       current = upcoming

@@ -1,0 +1,124 @@
+"""Where the time of a benchmarked step goes: a ``jax.profiler`` trace of a
+few calls, the device's kernels summed by name.
+
+Profiles a method of ``bench_mezo.py`` (``--method``, same model flags) and
+prints, per device line of the trace (XLA's ops, the CUDA streams; on a
+CPU the host's threads), the kernels with the largest total time per call, with their share of the
+line's total and its number of launches, and how much of the time the
+line spans it is busy; ``--json`` writes the table. (The fusions' HLO:
+``XLA_FLAGS=--xla_dump_to=DIR``.)
+
+  python experiments/profile_step.py --method mezo
+  python experiments/profile_step.py --method mezo_noise --top 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import tempfile
+import time
+
+import jax
+
+import bench_mezo
+
+
+def kernel_table(trace_dir: str, calls: int, top: int,
+                 plane_prefix: str = '/device:') -> dict:
+  """Per line of the planes named ``plane_prefix*`` (the accelerators';
+  ``'/host:CPU'`` on a CPU): its busy and spanned time per call, its event
+  count and its ``top`` events by total time ``(name, ms per call, share,
+  count per call)``."""
+  files = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'),
+                    recursive=True)
+  data = jax.profiler.ProfileData.from_file(files[0])
+  table = {}
+  for plane in data.planes:
+    if not plane.name.startswith(plane_prefix):
+      continue
+    for line in plane.lines:
+      totals, counts = collections.Counter(), collections.Counter()
+      first, last = float('inf'), 0.0
+      for event in line.events:
+        totals[event.name] += event.duration_ns
+        counts[event.name] += 1
+        first = min(first, event.start_ns)
+        last = max(last, event.end_ns)
+      whole = sum(totals.values())
+      if not whole:  # markers only
+        continue
+      table[f'{plane.name} {line.name}'] = {
+          'total_ms_per_call': whole / calls / 1e6,
+          'span_ms_per_call': (last - first) / calls / 1e6,
+          'events_per_call': sum(counts.values()) / calls,
+          'top': [(name, ns / calls / 1e6, ns / whole, counts[name] / calls)
+                  for name, ns in totals.most_common(top)]}
+  return table
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--method', default='mezo',
+                      choices=bench_mezo.METHODS)
+  parser.add_argument('--calls', type=int, default=3)
+  parser.add_argument('--top', type=int, default=20)
+  parser.add_argument('--json', default=None)
+  parser.add_argument('--layers', type=int, default=20)
+  parser.add_argument('--d-model', type=int, default=2048)
+  parser.add_argument('--heads', type=int, default=16)
+  parser.add_argument('--vocab', type=int, default=32000)
+  parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--seq', type=int, default=512)
+  parser.add_argument('--dtype', choices=('bf16', 'f32'), default='bf16')
+  parser.add_argument('--quick', action='store_true')
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.layers, args.d_model, args.heads, args.vocab = 2, 256, 4, 1024
+    args.batch, args.seq = 2, 64
+  model = bench_mezo.decoder(args)
+  fn, donate, init_state = bench_mezo.method_call(args.method, model)
+  params, state, tokens = _inputs(model, args, init_state)
+  jitted = jax.jit(fn, donate_argnums=donate)
+  out = jitted(params, state, tokens)  # compiles
+  jax.block_until_ready(out)
+  trace_dir = tempfile.mkdtemp()
+  start = time.perf_counter()
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(args.calls):
+    if not args.method.startswith('inference'):
+      params, state = out[0], out[1]
+    out = jitted(params, state, tokens)
+    jax.block_until_ready(out)
+  jax.profiler.stop_trace()
+  print(f'{args.method}: {(time.perf_counter() - start) / args.calls * 1e3:.1f}'
+        ' ms per call while tracing')
+  table = kernel_table(trace_dir, args.calls, args.top,
+                       '/host:CPU' if jax.default_backend() == 'cpu' else
+                       '/device:')
+  for line, row in table.items():
+    print(f'\n{line}: {row["total_ms_per_call"]:.2f} ms busy of '
+          f'{row["span_ms_per_call"]:.2f} ms spanned per call, '
+          f'{row["events_per_call"]:.0f} events')
+    for name, ms, share, count in row['top']:
+      print(f'  {ms:8.3f} ms  {100 * share:5.1f}%  x{count:<5.0f} {name[:100]}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'method': args.method, 'device': jax.devices()[0].device_kind,
+                 'jax': jax.__version__, 'lines': table}, f, indent=1)
+  return table
+
+
+def _inputs(model, args, init_state):
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq),
+                              0, args.vocab)
+  params = jax.jit(lambda: bench_mezo.method_model(args.method, model).init(
+      jax.random.PRNGKey(0), tokens[:1, :4])['params'])()
+  return params, jax.jit(init_state)(params), tokens
+
+
+if __name__ == '__main__':
+  main()
