@@ -37,7 +37,6 @@ import os
 import platform
 
 import jax
-import jax.extend.random as random_ext
 import jax.numpy as jnp
 
 import harness
@@ -47,22 +46,14 @@ from zojax._src.query import directions
 SQRT2 = math.sqrt(2.0)
 
 
-def _threefry_words(key, rows, cols):
-  """``(rows, cols)`` words: both outputs of Threefry(key; row, w // 2)."""
-  pairs = -(-cols // 2)
-  high = jnp.broadcast_to(rows[:, None], (rows.shape[0], pairs))
-  low = jnp.broadcast_to(jnp.arange(pairs, dtype=jnp.uint32), high.shape)
-  out0, out1 = random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
-  return jnp.stack([out0, out1], -1).reshape(rows.shape[0], -1)[:, :cols]
-
-
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
 
 
 def threefry2x32(key, x0, x1, rounds: int):
   """Threefry-2x32 with ``rounds`` rounds (Salmon et al., SC'11: 20 is the
   default, 13 the fewest that pass BigCrush), key injected every 4 rounds;
-  with 20 rounds it equals ``jax``'s ``threefry2x32_p``."""
+  with 20 rounds it equals ``jax``'s ``threefry2x32_p`` (checked in
+  ``tests/test_experiments.py``)."""
   schedule = (key[0], key[1], key[0] ^ key[1] ^ jnp.uint32(0x1BD11BDA))
   x0, x1 = x0 + schedule[0], x1 + schedule[1]
   for r in range(rounds):
@@ -77,7 +68,11 @@ def threefry2x32(key, x0, x1, rounds: int):
   return x0, x1
 
 
-def _threefry_rounds_words(key, rows, cols, rounds):
+def _threefry_words(key, rows, cols, rounds: int = 20):
+  """``(rows, cols)`` words: both outputs of Threefry(key; row, w // 2),
+  zojax's word stream (``directions.words``) for 20 rounds."""
+  if rounds == 20:
+    return directions.words(key, rows, 0, cols)
   pairs = -(-cols // 2)
   high = jnp.broadcast_to(rows[:, None], (rows.shape[0], pairs))
   low = jnp.broadcast_to(jnp.arange(pairs, dtype=jnp.uint32), high.shape)
@@ -94,6 +89,13 @@ def _erfinv_normal(bits, mantissa_bits):
 
 def _halves(bits):
   return bits >> 16, bits & jnp.uint32(0xFFFF)
+
+
+def _erfinv16(key, rows, cols, rounds=20):
+  """Two normals per word, one from each 16-bit half."""
+  high, low = _halves(_threefry_words(key, rows, -(-cols // 2), rounds))
+  z = jnp.stack([_erfinv_normal(high, 16), _erfinv_normal(low, 16)], -1)
+  return z.reshape(rows.shape[0], -1)[:, :cols]
 
 
 def gen_floor(key, rows, cols):
@@ -119,9 +121,7 @@ def gen_zojax(key, rows, cols):
 
 
 def gen_threefry16_erfinv(key, rows, cols):
-  high, low = _halves(_threefry_words(key, rows, -(-cols // 2)))
-  z = jnp.stack([_erfinv_normal(high, 16), _erfinv_normal(low, 16)], -1)
-  return z.reshape(rows.shape[0], -1)[:, :cols]
+  return _erfinv16(key, rows, cols)
 
 
 def gen_threefry16_boxmuller(key, rows, cols):
@@ -134,9 +134,7 @@ def gen_threefry16_boxmuller(key, rows, cols):
 
 
 def gen_threefry13_16_erfinv(key, rows, cols):
-  high, low = _halves(_threefry_rounds_words(key, rows, -(-cols // 2), 13))
-  z = jnp.stack([_erfinv_normal(high, 16), _erfinv_normal(low, 16)], -1)
-  return z.reshape(rows.shape[0], -1)[:, :cols]
+  return _erfinv16(key, rows, cols, rounds=13)
 
 
 def gen_jax_random_normal(key, rows, cols):

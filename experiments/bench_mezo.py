@@ -148,8 +148,10 @@ def compiled_memory(model, method, args) -> dict:
   return sizes
 
 
-def measure(model, method, args) -> dict:
-  """Runs the method on the device; peak memory and time of one call."""
+def runner(model, method, args):
+  """``(call, params, state)``: the method's jitted call on a random batch,
+  ``call(params, state) -> (params, state, value)`` (the inputs donated),
+  and the params and state it starts from."""
   fn, donate, init_state = method_call(method, model)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq),
                               0, args.vocab)
@@ -163,6 +165,12 @@ def measure(model, method, args) -> dict:
       return params, state, jitted(params, state, tokens)
     return jitted(params, state, tokens)
 
+  return call, params, state
+
+
+def measure(model, method, args) -> dict:
+  """Runs the method on the device; peak memory and time of one call."""
+  call, params, state = runner(model, method, args)
   params, state, value = call(params, state)  # compile + warm up
   jax.block_until_ready(value)
   best = float('inf')
@@ -204,8 +212,8 @@ def worker(args) -> None:
   print('RESULT ' + json.dumps(result))
 
 
-def main():
-  parser = run_arguments(__doc__.splitlines()[0])
+def add_model_arguments(parser) -> None:
+  """The decoder's and the batch's flags (shared with profile_step.py)."""
   parser.add_argument('--layers', type=int, default=20)
   parser.add_argument('--d-model', type=int, default=2048)
   parser.add_argument('--heads', type=int, default=16)
@@ -213,6 +221,17 @@ def main():
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--seq', type=int, default=512)
   parser.add_argument('--dtype', choices=('bf16', 'f32'), default='bf16')
+
+
+def quick_model(args) -> None:
+  """The CPU-sized decoder and batch of ``--quick``."""
+  args.layers, args.d_model, args.heads, args.vocab = 2, 256, 4, 1024
+  args.batch, args.seq = 2, 64
+
+
+def main():
+  parser = run_arguments(__doc__.splitlines()[0])
+  add_model_arguments(parser)
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--methods', nargs='+', default=list(METHODS))
   parser.add_argument('--largest', action='store_true',
@@ -225,8 +244,8 @@ def main():
   parser.add_argument('--worker', choices=METHODS, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
-    args.layers, args.d_model, args.heads, args.vocab = 2, 256, 4, 1024
-    args.batch, args.seq, args.repeats = 2, 64, 2
+    quick_model(args)
+    args.repeats = 2
   if args.worker:
     return worker(args)
 

@@ -67,32 +67,21 @@ def main(argv=None):
   parser.add_argument('--calls', type=int, default=3)
   parser.add_argument('--top', type=int, default=20)
   parser.add_argument('--json', default=None)
-  parser.add_argument('--layers', type=int, default=20)
-  parser.add_argument('--d-model', type=int, default=2048)
-  parser.add_argument('--heads', type=int, default=16)
-  parser.add_argument('--vocab', type=int, default=32000)
-  parser.add_argument('--batch', type=int, default=4)
-  parser.add_argument('--seq', type=int, default=512)
-  parser.add_argument('--dtype', choices=('bf16', 'f32'), default='bf16')
+  bench_mezo.add_model_arguments(parser)
   parser.add_argument('--quick', action='store_true')
   args = parser.parse_args(argv)
   if args.quick:
-    args.layers, args.d_model, args.heads, args.vocab = 2, 256, 4, 1024
-    args.batch, args.seq = 2, 64
-  model = bench_mezo.decoder(args)
-  fn, donate, init_state = bench_mezo.method_call(args.method, model)
-  params, state, tokens = _inputs(model, args, init_state)
-  jitted = jax.jit(fn, donate_argnums=donate)
-  out = jitted(params, state, tokens)  # compiles
-  jax.block_until_ready(out)
+    bench_mezo.quick_model(args)
+  call, params, state = bench_mezo.runner(bench_mezo.decoder(args),
+                                          args.method, args)
+  params, state, value = call(params, state)  # compiles
+  jax.block_until_ready(value)
   trace_dir = tempfile.mkdtemp()
   start = time.perf_counter()
   jax.profiler.start_trace(trace_dir)
   for _ in range(args.calls):
-    if not args.method.startswith('inference'):
-      params, state = out[0], out[1]
-    out = jitted(params, state, tokens)
-    jax.block_until_ready(out)
+    params, state, value = call(params, state)
+    jax.block_until_ready(value)
   jax.profiler.stop_trace()
   print(f'{args.method}: {(time.perf_counter() - start) / args.calls * 1e3:.1f}'
         ' ms per call while tracing')
@@ -110,14 +99,6 @@ def main(argv=None):
       json.dump({'method': args.method, 'device': jax.devices()[0].device_kind,
                  'jax': jax.__version__, 'lines': table}, f, indent=1)
   return table
-
-
-def _inputs(model, args, init_state):
-  tokens = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.seq),
-                              0, args.vocab)
-  params = jax.jit(lambda: bench_mezo.method_model(args.method, model).init(
-      jax.random.PRNGKey(0), tokens[:1, :4])['params'])()
-  return params, jax.jit(init_state)(params), tokens
 
 
 if __name__ == '__main__':

@@ -7,6 +7,11 @@ import pathlib
 import re
 import sys
 
+import jax
+import jax.extend.random  # pylint: disable=unused-import
+import jax.numpy as jnp
+import numpy as np
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The scripts import their shared helpers (experiments/harness.py) as they
 # do when run from that folder.
@@ -54,7 +59,14 @@ def test_committed_outputs_hold_no_absolute_machine_paths():
 
 
 def test_bench_generator_quick(tmp_path):
-  rows = _load('bench_generator').main([
+  module = _load('bench_generator')
+  key = jax.random.key_data(jax.random.key(3))
+  counters = jnp.arange(64, dtype=jnp.uint32)
+  for got, want in zip(module.threefry2x32(key, counters, counters * 7, 20),
+                       jax.extend.random.threefry2x32_p.bind(
+                           key[0], key[1], counters, counters * 7)):
+    np.testing.assert_array_equal(got, want)  # the 13-round variant's base
+  rows = module.main([
       '--quick', '--repeats', '1', '--generators', 'floor', 'zojax',
       'threefry16_erfinv', '--out', str(tmp_path)])
   assert set(rows) == {'floor', 'zojax', 'threefry16_erfinv'}
