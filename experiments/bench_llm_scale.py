@@ -7,7 +7,9 @@ Parts (``--parts``), each method in a fresh process (its own peak memory):
   ``zojax.offload.OffloadedMeZO`` (layers in pinned host memory, streamed
   one at a time) on a decoder that fits both ways (``--fit-*``); then the
   offloaded step on a decoder ``--big-*`` whose bf16 params exceed the device
-  memory cap ``--cap-gib`` (set with ``XLA_PYTHON_CLIENT_MEM_FRACTION``).
+  memory cap ``--cap-gib`` (set with ``XLA_PYTHON_CLIENT_MEM_FRACTION``,
+  the fraction of GPU 0's memory that ``nvidia-smi`` reports, or
+  ``ZOJAX_CAP_FRACTION`` if set).
 * ``distributed``: tokens/s of ``zojax.mezo`` on 1 device and on 2 with the
   queries split (q = 1: one sign per device; q = 2: one query per device),
   the batch split, and a decoder sharded over 2 devices (FSDP: stacked
@@ -37,6 +39,23 @@ def decoder_config(args, prefix: str) -> dict:
   return dict(vocab_size=args.vocab, num_layers=get('layers'),
               d_model=get('width'), num_heads=get('width') // 128,
               max_len=args.seq)
+
+
+def cap_fraction(cap_gib: float) -> str:
+  """``XLA_PYTHON_CLIENT_MEM_FRACTION`` that caps GPU 0 at ``cap_gib``.
+
+  Read from ``nvidia-smi`` (this process does not start a JAX backend); on a
+  machine without it (CPU runs, where the cap has no effect) ``'0.75'``.
+  """
+  try:
+    out = subprocess.run(
+        ['nvidia-smi', '--query-gpu=memory.total',
+         '--format=csv,noheader,nounits'], capture_output=True, text=True,
+        check=True).stdout
+    total_gib = float(out.split()[0]) / 1024  # MiB
+  except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+    return '0.75'
+  return f'{cap_gib / total_gib:.4f}'
 
 
 def run_worker(args, task: str, extra_env=None, timeout=None) -> dict:
@@ -105,7 +124,7 @@ def main(argv=None):
   for task, env in tasks:
     if env is not None:  # the capped run: a fraction of this device
       env = {'XLA_PYTHON_CLIENT_MEM_FRACTION': os.environ.get(
-          'ZOJAX_CAP_FRACTION', '0.113'),
+          'ZOJAX_CAP_FRACTION', cap_fraction(args.cap_gib)),
              # pinned host memory for the layers (XLA's default cap: 64 GB)
              'XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB': os.environ.get(
                  'XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB', '100')}

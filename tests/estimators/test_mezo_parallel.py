@@ -77,7 +77,11 @@ class DistributedMeZOTest(parameterized.TestCase):
     tx = zojax.mezo(LR, SIGMA, queries, seed=5, mesh=mesh,
                     query_axis=query_axis, data_axis=data_axis)
     split, state = _run(tx, params, tokens, loss)
-    chex.assert_trees_all_close(split, reference, rtol=1e-4, atol=1e-6)
+    # a split batch sums the loss in another order: float32 rounding of the
+    # two values, divided by 2 sigma, moves an entry by ~1e-6 over 3 steps
+    # (a wrong z, sign or shard mean would move it by the update, ~1e-3)
+    chex.assert_trees_all_close(split, reference, rtol=1e-4,
+                                atol=1e-6 if data_axis is None else 5e-6)
     self.assertEqual(zojax.estimate_info(state).num_evals, 3 * 2 * queries)
 
   def test_sharded_params_stay_sharded_and_nothing_is_gathered(self):

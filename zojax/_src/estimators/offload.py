@@ -32,6 +32,11 @@ trajectory is on-device ``mezo``'s with ``two_point='fused'``, up to the
 float rounding of differently compiled forwards. Supported: one query per
 step, every leaf trained, weight decay; :meth:`OffloadedMeZO.gather` returns
 the params with the last update applied.
+
+Host memory holds one copy of the stacked layers (``step`` rewrites
+``host.layers`` in place) plus one layer in flight. On GPUs the layers sit in
+pinned host memory, which XLA caps at 64 GB unless the environment variable
+``XLA_PJRT_GPU_HOST_MEMORY_LIMIT_GB`` (set before JAX starts) allows more.
 """
 
 from __future__ import annotations

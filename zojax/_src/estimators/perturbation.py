@@ -20,6 +20,7 @@ holds the pieces that use it block by block:
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable, Optional, Sequence
 
@@ -62,8 +63,10 @@ def map_blocks(fn: Callable[[jax.Array, tuple, Any], jax.Array],
   blocks of indices along ``axis`` (``start`` is a block's first index) of
   about ``block_size`` entries; an index larger than that (a whole layer of
   a stacked leaf) is itself split, with its index appended to ``prefix``.
-  When ``array`` is a donated buffer or a loop carry it is rewritten in
-  place, and only one block's temporaries are alive at a time.
+  Every block is sliced from and written back to ``array`` itself (never
+  through a copy of the layer it belongs to), so when ``array`` is a donated
+  buffer or a loop carry it is rewritten in place, and only one block's
+  temporaries are alive at a time.
 
   Args:
     fn: maps a block to an array of the same shape and dtype.
@@ -77,13 +80,11 @@ def map_blocks(fn: Callable[[jax.Array, tuple, Any], jax.Array],
   prefix = tuple(prefix)
   if array.ndim == 0:
     return fn(array, prefix, 0)
+  if axis == 0 and row_size is None:
+    return _map_row_blocks(fn, array, (), block_size, prefix)
   num_rows = array.shape[axis]
   if row_size is None:
     row_size = array.size // max(num_rows, 1)
-  if row_size > block_size and axis == 0 and array.ndim >= 2:
-    return jax.lax.fori_loop(
-        0, num_rows, lambda i, a: a.at[i].set(map_blocks(
-            fn, a[i], block_size=block_size, prefix=prefix + (i,))), array)
   block = max(1, min(num_rows, block_size // max(row_size, 1)))
   num_blocks, remainder = divmod(num_rows, block)
   if num_blocks == 1 and not remainder:
@@ -96,6 +97,39 @@ def map_blocks(fn: Callable[[jax.Array, tuple, Any], jax.Array],
 
   array = jax.lax.fori_loop(
       0, num_blocks, lambda i, v: rewrite(i * block, block, v), array)
+  if remainder:
+    array = rewrite(num_blocks * block, remainder, array)
+  return array
+
+
+def _map_row_blocks(fn, array: jax.Array, fixed: tuple, block_size: int,
+                    prefix: tuple) -> jax.Array:
+  """:func:`map_blocks` along axis 0 of ``array[fixed]`` (``fixed``: the
+  indices of the leading axes, a layer being split), each block sliced from
+  and written back to the whole ``array``."""
+  shape = array.shape[len(fixed):]
+  num_rows, row_size = shape[0], math.prod(shape[1:])
+  if row_size > block_size and len(shape) >= 2:  # split each index too
+    return jax.lax.fori_loop(
+        0, num_rows, lambda i, a: _map_row_blocks(
+            fn, a, fixed + (i,), block_size, prefix + (i,)), array)
+  block = max(1, min(num_rows, block_size // max(row_size, 1)))
+  num_blocks, remainder = divmod(num_rows, block)
+  if not fixed and num_blocks == 1 and not remainder:
+    return fn(array, prefix, 0)
+
+  def rewrite(start, size, values):
+    starts = fixed + (start,) + (0,) * (len(shape) - 1)
+    sizes = (1,) * len(fixed) + (size,) + shape[1:]
+    current = jax.lax.dynamic_slice(values, starts, sizes)
+    new = fn(current.reshape(sizes[len(fixed):]), prefix, start)
+    return jax.lax.dynamic_update_slice(values, new.reshape(sizes), starts)
+
+  if num_blocks == 1:
+    array = rewrite(0, block, array)
+  elif num_blocks > 1:
+    array = jax.lax.fori_loop(
+        0, num_blocks, lambda i, v: rewrite(i * block, block, v), array)
   if remainder:
     array = rewrite(num_blocks * block, remainder, array)
   return array

@@ -64,7 +64,8 @@ def table_shape(shape: Sequence[int]) -> tuple[int, int]:
   return 1, (shape[0] if shape else 1)
 
 
-def words(key: jax.Array, rows, start, count: int) -> jax.Array:
+def words(key: jax.Array, rows, start, count: int, *,
+          start_is_even: bool = False) -> jax.Array:
   """Words :math:`W(r, w)` for ``w`` in ``[start, start + count)``.
 
   Args:
@@ -73,9 +74,13 @@ def words(key: jax.Array, rows, start, count: int) -> jax.Array:
       followed by ``count``) or a scalar.
     start: first word index (an int, or a traced int scalar).
     count: number of words (static).
+    start_is_even: the caller knows that a traced ``start`` is even (a
+      block of whole table rows of even length): the words are then the
+      outputs of whole Threefry calls, with no shift by a traced offset,
+      which lets XLA fuse the draw into its consumer.
   """
   rows = jnp.asarray(rows, jnp.uint32)
-  even_start = isinstance(start, int) and start % 2 == 0
+  even_start = start_is_even or (isinstance(start, int) and start % 2 == 0)
   pairs = -(-count // 2) if even_start else count // 2 + 1
   first = jnp.asarray(start, jnp.uint32) >> 1
   counters = first + jnp.arange(pairs, dtype=jnp.uint32)
@@ -174,7 +179,11 @@ def block_normal(key: jax.Array, shape: Sequence[int], prefix: Sequence,
   stride = math.prod(inner[len(fixed) + 1:])
   column = column + jnp.asarray(start, jnp.int32) * stride
   start_column = int(column) if _is_static(column) else column
-  draw = words(key, row, start_column, size * stride)
+  # the first column is even whatever the indices when every index's
+  # multiplier is (e.g. a block of rows of a stacked layer)
+  multipliers = [math.prod(inner[dim + 1:]) for dim in range(len(fixed))]
+  even = all(m % 2 == 0 for m in multipliers + [stride])
+  draw = words(key, row, start_column, size * stride, start_is_even=even)
   return normal_from_words(draw, dtype).reshape(
       (size,) + inner[len(fixed) + 1:])
 
