@@ -95,11 +95,7 @@ def map_blocks(fn: Callable[[jax.Array, tuple, Any], jax.Array],
     return jax.lax.dynamic_update_slice_in_dim(
         values, fn(current, prefix, start), start, axis)
 
-  array = jax.lax.fori_loop(
-      0, num_blocks, lambda i, v: rewrite(i * block, block, v), array)
-  if remainder:
-    array = rewrite(num_blocks * block, remainder, array)
-  return array
+  return _each_block(rewrite, array, num_rows, block)
 
 
 def _map_row_blocks(fn, array: jax.Array, fixed: tuple, block_size: int,
@@ -125,6 +121,14 @@ def _map_row_blocks(fn, array: jax.Array, fixed: tuple, block_size: int,
     new = fn(current.reshape(sizes[len(fixed):]), prefix, start)
     return jax.lax.dynamic_update_slice(values, new.reshape(sizes), starts)
 
+  return _each_block(rewrite, array, num_rows, block)
+
+
+def _each_block(rewrite: Callable, array: jax.Array, num_rows: int,
+                block: int) -> jax.Array:
+  """``rewrite(start, size, array)`` for the blocks of ``block`` indices of
+  ``num_rows`` (a ``fori_loop`` over the full blocks, then the remainder)."""
+  num_blocks, remainder = divmod(num_rows, block)
   if num_blocks == 1:
     array = rewrite(0, block, array)
   elif num_blocks > 1:
