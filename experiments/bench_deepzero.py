@@ -29,6 +29,8 @@ error against the ``reuse`` (float32) estimate.
 
   python experiments/bench_deepzero.py                # the full setting
   python experiments/bench_deepzero.py --quick        # ResNet-8, CPU-sized
+  python experiments/bench_deepzero.py --methods diff_tf32 --profile 40
+                                     # + the 40 kernels taking most time
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 
 import jax
@@ -44,6 +47,7 @@ import numpy as np
 
 import zojax
 import harness
+import profile_step
 from harness import run_arguments
 from zojax import flax as zflax
 from zojax import models
@@ -111,7 +115,8 @@ def step_cost(method, stages, params, batch, loss, mask) -> dict:
   return lowered.cost_analysis() or {}
 
 
-def measure(method, stages, params, batch, loss, mask, chunk, repeats):
+def measure(method, stages, params, batch, loss, mask, chunk, repeats,
+            profile_top=0):
   precision = METHODS[method][0]
   with jax.default_matmul_precision(precision):
     step = jax.jit(make_step(method, stages, loss, mask, chunk))
@@ -124,13 +129,28 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats):
       jax.block_until_ready(step(params, batch))
       times.append(time.perf_counter() - start)
     cost = step_cost(method, stages, params, batch, loss, mask)
+    kernels = (profile(lambda: step(params, batch), profile_top)
+               if profile_top else None)
   return estimate, {
       'method': method,
       'precision': (precision or 'default') + (
           f'/{METHODS[method][1]}' if METHODS[method][1] else ''),
       'compile_s': compile_s - min(times), 'step_s': min(times),
       'flops': float(cost.get('flops', float('nan'))),
-      'bytes': float(cost.get('bytes accessed', float('nan')))}
+      'bytes': float(cost.get('bytes accessed', float('nan'))),
+      'kernels': kernels}
+
+
+def profile(call, top: int) -> dict:
+  """The device kernels of one ``call`` summed by name
+  (:func:`profile_step.kernel_table`; on a CPU, the host's threads)."""
+  trace_dir = tempfile.mkdtemp()
+  jax.profiler.start_trace(trace_dir)
+  jax.block_until_ready(call())
+  jax.profiler.stop_trace()
+  return profile_step.kernel_table(
+      trace_dir, 1, top,
+      '/host:CPU' if jax.default_backend() == 'cpu' else '/device:')
 
 
 def main(argv=None):
@@ -143,6 +163,9 @@ def main(argv=None):
                       help='queries vmapped at once')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--methods', nargs='+', default=list(METHODS))
+  parser.add_argument('--profile', type=int, default=0, metavar='TOP',
+                      help='also trace one step and print its TOP kernels '
+                      'by total time')
   parser.add_argument('--cost-only', action='store_true',
                       help='only print FLOPs and bytes per step (no timing)')
   parser.add_argument('--tag', default=None,
@@ -193,7 +216,7 @@ def main(argv=None):
   reference = None
   for method in args.methods:
     estimate, row = measure(method, stages, params, batch, loss, mask,
-                            args.chunk, args.repeats)
+                            args.chunk, args.repeats, args.profile)
     got = flat(estimate, mask)
     if method == 'reuse':
       reference = got
@@ -210,6 +233,13 @@ def main(argv=None):
           f'{row["flops"] / 1e12:7.2f} {row["bytes"] / 1e9:7.1f} '
           f'{row["cosine_to_autodiff"]:9.4f} '
           f'{"-" if rel is None else f"{rel:.2e}":>8}', flush=True)
+    for line, kernels in (row['kernels'] or {}).items():
+      print(f'  {line}: {kernels["total_ms_per_call"]:.1f} ms busy of '
+            f'{kernels["span_ms_per_call"]:.1f} ms spanned, '
+            f'{kernels["events_per_call"]:.0f} events')
+      for name, ms, share, count in kernels['top']:
+        print(f'    {ms:9.2f} ms {100 * share:5.1f}% x{count:<6.0f} '
+              f'{name[:100]}')
     with open(out + '.json', 'w') as f:
       json.dump(report, f, indent=1)
   print(f'wrote {harness.shown(out)}.json')

@@ -6,6 +6,7 @@ import numpy as np
 from absl.testing import absltest, parameterized
 
 from zojax import models
+from zojax._src.estimators import difference
 from zojax._src.estimators.difference import OneHot, propagate
 
 
@@ -105,6 +106,43 @@ class PropagateTest(parameterized.TestCase):
         want = float(stem64(shifted) - stem64(p64))
         self.assertGreater(abs(want), 1e-7)
         np.testing.assert_allclose(got[i], want, rtol=1e-3, atol=1e-10)
+
+  def test_recording_propagates_many_changes_from_one_evaluation(self):
+    params, x = _params(jax.random.PRNGKey(3))
+    flat, treedef = jax.tree.flatten((params, x))
+    k_index = [i for i, leaf in enumerate(flat)
+               if leaf.shape == params['k'].shape][0]
+    entries = jnp.arange(0, params['k'].size, 3)
+
+    def change_at(recorded, entry):
+      deltas = [None] * len(flat)
+      deltas[k_index] = OneHot(entry, 1e-2, params['k'].shape, jnp.float32)
+      return difference.changes(recorded, deltas)
+
+    recorded = difference.Recording(_every_rule, (params, x))
+    got = jax.jit(jax.vmap(lambda e: change_at(recorded, e)))(entries)
+    for entry, change in zip(entries, got):
+      delta = jax.tree.map(jnp.zeros_like, params)
+      delta['k'] = OneHot(entry, 1e-2, params['k'].shape,
+                          jnp.float32).dense()
+      want = propagate(_every_rule, (params, x), (delta, None))[1]
+      np.testing.assert_allclose(change, want, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(recorded.value, _every_rule(params, x),
+                               rtol=1e-6)
+
+  def test_changes_do_not_evaluate_the_function_again(self):
+    # the value path's sin(x) is recorded; the change of w only multiplies it
+    fn = lambda w, x: jnp.sum(jnp.sin(x) @ w)
+    w, x = jnp.ones((3, 2)), jnp.ones((4, 3))
+    recorded = difference.Recording(fn, (w, x))
+    program = jax.make_jaxpr(jax.vmap(
+        lambda d: difference.changes(recorded, [d, None])))(
+            jnp.ones((5, 3, 2)))
+    names = {eqn.primitive.name for eqn in program.jaxpr.eqns}
+    self.assertIn('dot_general', names)
+    self.assertNotIn('sin', names)
+    with self.assertRaisesRegex(ValueError, '1 deltas for 2 flat inputs'):
+      difference.changes(recorded, [None])
 
   def test_errors(self):
     params, x = _params(jax.random.PRNGKey(0))

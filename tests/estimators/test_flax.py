@@ -13,6 +13,7 @@ from absl.testing import parameterized
 import zojax
 from zojax import flax as zflax
 from zojax import models
+from zojax._src.estimators import stages as stages_lib
 
 
 def _problem(seed=0, batch=32):
@@ -183,3 +184,23 @@ class StagesTest(parameterized.TestCase):
     np.testing.assert_allclose(out, model.apply(variables, x), atol=1e-6)
     fresh = zflax.init_stages(modules, jax.random.PRNGKey(2), x)
     self.assertEqual(models.num_params(fresh), models.num_params(variables))
+
+  @parameterized.parameters(([16, 16, 43], 64), ([16, 16, 16, 16, 230, 230], 64),
+                            ([5, 0, 7], 3), ([4], None), ([0, 0], 8))
+  def test_chunk_layout_covers_the_queries_in_order(self, counts, batch_size):
+    width, kinds, compositions = stages_lib.chunk_layout(counts, batch_size)
+    total = sum(counts)
+    if total == 0:
+      self.assertEqual((width, kinds.size), (0, 0))
+      return
+    if batch_size is not None:
+      self.assertLessEqual(width, batch_size)
+    self.assertLess(kinds.size * width - total, kinds.size)  # pads per chunk
+    owners = np.concatenate([
+        np.concatenate([np.full(n, position) for position, n in
+                        compositions[kind]]) for kind in kinds])
+    self.assertEqual(owners.size, kinds.size * width)
+    want = np.repeat(np.arange(len(counts)), counts)
+    np.testing.assert_array_equal(owners[:total], want)
+    np.testing.assert_array_equal(owners[total:], len(counts) - 1)
+    self.assertLen(set(compositions), len(compositions))

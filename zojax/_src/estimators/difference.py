@@ -26,6 +26,11 @@ at a lower matmul precision (TF32, bfloat16 tensor cores) without drowning a
 small finite difference, which is what makes them cheap for
 coordinate-wise estimates (see :func:`zojax.flax.feature_reuse_cge`).
 Operations whose operands have no difference are evaluated once, as given.
+
+:func:`propagate` does both at once; for many changes at one point (one per
+query), :class:`Recording` evaluates the function once, keeping every
+intermediate value, and :func:`changes` then repeats only the operations on
+differences for each change (under ``vmap`` or a loop).
 """
 
 from __future__ import annotations
@@ -65,14 +70,10 @@ def propagate(fn: Callable[..., Any], args: tuple, deltas: tuple,
   Returns:
     ``(value, difference)``, pytrees like ``fn``'s output.
   """
-  if precision not in PRECISIONS:
-    raise ValueError(f'precision must be one of {PRECISIONS}, got '
-                     f'{precision!r}.')
-  closed = jax.make_jaxpr(fn)(*args)
-  flat_args = jax.tree.leaves(args)
-  flat_deltas = []
+  check_precision(precision)
   if len(deltas) != len(args):
     raise ValueError(f'{len(deltas)} deltas for {len(args)} arguments.')
+  flat_deltas = []
   for arg, delta in zip(args, deltas):
     if delta is None:
       flat_deltas += [None] * len(jax.tree.leaves(arg))
@@ -82,44 +83,129 @@ def propagate(fn: Callable[..., Any], args: tuple, deltas: tuple,
                        f'{jax.tree.structure(delta)} vs '
                        f'{jax.tree.structure(arg)}.')
     flat_deltas += jax.tree.leaves(delta)
-  out_tree = jax.tree.structure(jax.eval_shape(fn, *args))
-  results = _evaluate(closed.jaxpr, closed.consts, flat_args, flat_deltas,
-                      precision)
-  values = [v for v, _ in results]
-  differences = [_difference(v, c) for v, c in results]
+  recorded = Recording(fn, args)
+  return recorded.value, changes(recorded, flat_deltas, precision)
+
+
+def check_precision(precision: str) -> None:
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision must be one of {PRECISIONS}, got '
+                     f'{precision!r}.')
+
+
+class Recording:
+  """``fn(*args)`` evaluated once with every intermediate value kept, so that
+  :func:`changes` propagates any number of changes (one per query, under
+  ``vmap`` or a loop) without evaluating ``fn`` again: the values are
+  computed once, where the recording is made, and only the operations on
+  changes are repeated (and compiled) per use.
+
+  ``value`` is ``fn``'s output; ``num_inputs`` its number of flat inputs.
+  """
+
+  def __init__(self, fn: Callable[..., Any], args: tuple):
+    closed = jax.make_jaxpr(fn)(*args)
+    self.jaxpr = closed.jaxpr
+    self.num_inputs = len(self.jaxpr.invars)
+    self.out_tree = jax.tree.structure(jax.eval_shape(fn, *args))
+    self.values = _record(self.jaxpr, closed.consts, jax.tree.leaves(args))
+    self.value = jax.tree.unflatten(
+        self.out_tree, [_read(self.values, v) for v in self.jaxpr.outvars])
+
+
+def changes(recorded: Recording, flat_deltas, precision: str = 'highest'):
+  """``fn(x + δ) - fn(x)`` of a recorded ``fn``, a pytree like its output.
+
+  ``flat_deltas`` has one entry per flat input of ``fn``: an array (or
+  :class:`OneHot`) shaped like it, or ``None`` for an unchanged input.
+  """
+  check_precision(precision)
+  flat_deltas = list(flat_deltas)
+  if len(flat_deltas) != recorded.num_inputs:
+    raise ValueError(f'{len(flat_deltas)} deltas for '
+                     f'{recorded.num_inputs} flat inputs.')
+  outs = _evaluate(recorded.jaxpr, recorded.values, flat_deltas, precision)
+  values = jax.tree.leaves(recorded.value)
+  differences = [_difference(v, d) for v, d in zip(values, outs)]
   differences = [jnp.zeros_like(v) if d is None else d
                  for v, d in zip(values, differences)]
-  return (jax.tree.unflatten(out_tree, values),
-          jax.tree.unflatten(out_tree, differences))
+  return jax.tree.unflatten(recorded.out_tree, differences)
 
 
 def _is_float(x) -> bool:
   return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def _evaluate(jaxpr, consts, args, deltas, precision):
-  """``[(value, change)]`` of ``jaxpr``'s outputs, from its inputs' values
-  and changes: a difference, ``None`` (unchanged) or, for non-float values
-  (e.g. comparisons), the changed value itself wrapped in ``_Changed``.
+class _Values:
+  """The value of every variable of a jaxpr at one point, and those of the
+  calls evaluated inline (by equation index)."""
+
+  def __init__(self):
+    self.env: dict[Any, Any] = {}
+    self.calls: dict[int, '_Values'] = {}
+
+
+def _read(values: _Values, var):
+  if isinstance(var, core.Literal):
+    return var.val
+  return values.env[var]
+
+
+def _inlined(eqn):
+  """The body of a call evaluated inline (jit, custom_jvp_call, ...)."""
+  if eqn.primitive.name in ('scan', 'while', 'cond'):
+    return None
+  return next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params
+               and isinstance(eqn.params[p], core.ClosedJaxpr)), None)
+
+
+def _record(jaxpr, consts, args) -> _Values:
+  values = _Values()
+  for var, value in zip(jaxpr.constvars, consts):
+    values.env[var] = value
+  for var, value in zip(jaxpr.invars, args):
+    values.env[var] = value
+  for index, eqn in enumerate(jaxpr.eqns):
+    ins = [_read(values, v) for v in eqn.invars]
+    sub = _inlined(eqn)
+    if sub is not None:
+      inner = _record(sub.jaxpr, sub.consts, ins)
+      values.calls[index] = inner
+      outs = [_read(inner, v) for v in sub.jaxpr.outvars]
+    else:
+      outs = _bind(eqn, ins)
+    for var, out in zip(eqn.outvars, outs):
+      values.env[var] = out
+  return values
+
+
+def _evaluate(jaxpr, values: _Values, deltas, precision):
+  """The change of each of ``jaxpr``'s outputs from its inputs' changes and
+  the recorded values: a difference, ``None`` (unchanged) or, for non-float
+  values (e.g. comparisons), the changed value itself wrapped in
+  ``_Changed``. Equations with no changed input are skipped.
   """
-  env: dict[Any, tuple[Any, Any]] = {}
+  delta_env: dict[Any, Any] = {}
 
   def read(var):
-    if isinstance(var, core.Literal):
-      return var.val, None
-    return env[var]
+    return None if isinstance(var, core.Literal) else delta_env.get(var)
 
-  for var, value in zip(jaxpr.constvars, consts):
-    env[var] = (value, None)
-  for var, value, delta in zip(jaxpr.invars, args, deltas):
-    env[var] = (value, delta)
-  for eqn in jaxpr.eqns:
+  for var, delta in zip(jaxpr.invars, deltas):
+    if delta is not None:
+      delta_env[var] = delta
+  for index, eqn in enumerate(jaxpr.eqns):
     ins = [read(v) for v in eqn.invars]
-    values = [v for v, _ in ins]
-    changes = [c for _, c in ins]
-    outs = _apply(eqn, values, changes, precision)
+    if all(c is None for c in ins):
+      continue
+    sub = _inlined(eqn)
+    if sub is not None:
+      outs = _evaluate(sub.jaxpr, values.calls[index], ins, precision)
+    else:
+      outs = _apply(eqn, [_read(values, v) for v in eqn.invars],
+                    [_read(values, v) for v in eqn.outvars], ins, precision)
     for var, out in zip(eqn.outvars, outs):
-      env[var] = out
+      if out is not None:
+        delta_env[var] = out
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -173,32 +259,25 @@ def _bind(eqn, values, **overrides):
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
-def _apply(eqn, values, changes, precision):
-  """``[(value, change)]`` for the outputs of one equation."""
+def _apply(eqn, values, base, changes, precision):
+  """The changes of one equation's outputs, from its inputs' ``values`` and
+  ``changes`` and its recorded outputs ``base``."""
   name = eqn.primitive.name
-  sub = next((eqn.params[p] for p in _CALL_PARAMS if p in eqn.params
-              and isinstance(eqn.params[p], core.ClosedJaxpr)), None)
-  if sub is not None and name not in ('scan', 'while', 'cond'):
-    # jit, custom_jvp_call, custom_vjp_call, ...: evaluate the body inline
-    return _evaluate(sub.jaxpr, sub.consts, values, changes, precision)
-  base = _bind(eqn, values)
-  if all(c is None for c in changes):
-    return [(b, None) for b in base]
   if (name == 'conv_general_dilated' and changes[0] is None
       and isinstance(changes[1], OneHot)
       and eqn.params['feature_group_count'] == 1
       and eqn.params['batch_group_count'] == 1):
-    return [(base[0], _conv_one_kernel_entry(eqn, values[0], changes[1]))]
+    return [_conv_one_kernel_entry(eqn, values[0], changes[1])]
   diffs = [_difference(v, c) for v, c in zip(values, changes)]
   exact = all(_is_float(b) for b in base) and not any(
       isinstance(c, _Changed) for c in changes)
   if exact and name in _LINEAR_UNARY and len(values) == 1:
-    return [(base[0], _bind(eqn, diffs)[0])]
+    return [_bind(eqn, diffs)[0]]
   if exact and name in _LINEAR_FIRST and all(c is None for c in changes[1:]):
     rest = list(values[1:])
     if name == 'pad':
       rest = [jnp.zeros_like(values[1])]
-    return [(base[0], _bind(eqn, [diffs[0]] + rest)[0])]
+    return [_bind(eqn, [diffs[0]] + rest)[0]]
   if exact and name in ('add', 'sub', 'add_any'):
     a, b = diffs
     shape = jnp.shape(base[0])
@@ -208,24 +287,24 @@ def _apply(eqn, values, changes, precision):
       out = a
     else:
       out = a - b if name == 'sub' else a + b
-    return [(base[0], jnp.broadcast_to(out, shape).astype(base[0].dtype))]
+    return [jnp.broadcast_to(out, shape).astype(base[0].dtype)]
   if exact and name == 'div' and changes[1] is None:
-    return [(base[0], _bind(eqn, [diffs[0], values[1]])[0])]
+    return [_bind(eqn, [diffs[0], values[1]])[0]]
   if exact and name == 'concatenate':
     parts = [jnp.zeros_like(v) if d is None else d
              for v, d in zip(values, diffs)]
-    return [(base[0], _bind(eqn, parts)[0])]
+    return [_bind(eqn, parts)[0]]
   if exact and name == 'select_n' and changes[0] is None:
     cases = [jnp.zeros_like(v) if d is None else d
              for v, d in zip(values[1:], diffs[1:])]
-    return [(base[0], _bind(eqn, [values[0]] + cases)[0])]
+    return [_bind(eqn, [values[0]] + cases)[0]]
   if exact and name == 'square':
-    return [(base[0], diffs[0] * (2 * values[0] + diffs[0]))]
+    return [diffs[0] * (2 * values[0] + diffs[0])]
   if exact and name in _BILINEAR:
-    return [(base[0], _bilinear(eqn, values, diffs, precision))]
+    return [_bilinear(eqn, values, diffs, precision)]
   # anything else: g(v + dv) - g(v), in the operation's own dtype
   changed = _bind(eqn, [_changed_value(v, c) for v, c in zip(values, changes)])
-  return [(b, (n - b) if _is_float(b) else _Changed(n))
+  return [(n - b) if _is_float(b) else _Changed(n)
           for b, n in zip(base, changed)]
 
 

@@ -23,8 +23,13 @@ the query :math:`f(\theta + \sigma e_j)` for a coordinate :math:`j` of
   ``(queries x batch)`` activations: one large batched forward;
 * by default what travels up is the *change* of the activations
   :math:`\Delta h = h(\theta + \sigma e_j) - h(\theta)`
-  (:mod:`zojax._src.difference`), whose rounding is relative to
-  :math:`\Delta h`, so those forwards may use tensor-core precision.
+  (:mod:`zojax._src.estimators.difference`), whose rounding is relative to
+  :math:`\Delta h`, so those forwards may use tensor-core precision. The
+  unperturbed forward pass is recorded once per step (every intermediate
+  value kept); the queries only repeat the operations on changes;
+* a stage's queries (all its leaves') share one loop whose body holds the
+  stages above once: the compiled program grows with the number of stages
+  times the depth, not with the number of leaves times the depth.
 
 The estimate is plain CGE's (:func:`zojax.cge` with the same mask), up to rounding:
 forward :math:`\hat g_j = (f(\theta + \sigma e_j) - f(\theta)) / \sigma`,
@@ -39,6 +44,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from zojax._src.core import checks
 from zojax._src.core import keys
@@ -47,7 +53,8 @@ from zojax._src.core.perturbable import Mask, check_params
 from zojax._src.core.stats import EstimateStats
 from zojax._src.estimators import stages as stages_lib
 from zojax._src.estimators.cge import cge
-from zojax._src.estimators.difference import PRECISIONS, OneHot, propagate
+from zojax._src.estimators import difference
+from zojax._src.estimators.difference import PRECISIONS, OneHot
 from zojax._src.estimators.stages import Stage, apply_stages
 from zojax._src.query import sharding
 from zojax._src.query.probes import DIFFERENCES, evals_per_step
@@ -90,9 +97,13 @@ def feature_reuse_cge(
   trace it under ``jax.default_matmul_precision('highest')``, since TF32
   rounding swamps forward differences at small ``sigma``. On one H100,
   ResNet-20, 28,217 coordinates, batch 256 (``experiments/bench_deepzero.py``):
-  2.6 s per step by default, 7.0 s subtracting in float32, both with
+  2.4 s per step by default, 7.0 s subtracting in float32, both with
   cosine 0.9999 to the true gradient; subtracting in TF32 takes 2.3 s but
   its cosine falls to 0.96-0.98.
+
+  Memory: a step holds one chunk's ``(queries x batch)`` activations and,
+  propagating changes, the recorded forward pass (every intermediate value
+  of one forward on the batch, about what backpropagation keeps).
 
   ``update(updates, state, params, *, batch, mask=None)``: ``batch`` is the
   data of the step (``None`` if the stages need none); ``mask`` optionally
@@ -111,8 +122,9 @@ def feature_reuse_cge(
       of stage params; it must be concrete (its counts fix the queries).
     inputs: ``batch -> h_0``; default ``batch[0]`` (``batch = (x, y)``).
     difference: ``'forward'`` or ``'central'``.
-    batch_size: queries of one leaf evaluated at once (``vmap`` width);
-      ``None``: all of them.
+    batch_size: queries evaluated at once (``vmap`` width): each stage's
+      queries (its leaves' concatenated) run in equal chunks of at most
+      ``batch_size``; ``None``: each stage's queries at once.
     difference_precision: ``'default'``, ``'highest'`` or ``'bfloat16'``:
       each query propagates its change of the activations through the
       layers above (``zojax._src.difference``: linear and bilinear
@@ -226,26 +238,31 @@ class _Config(NamedTuple):
 
 
 def _estimate(config: _Config, info, batch, params, coordinates):
-  """One device's step: the cached forward, then every leaf's queries from
-  its stage's cached input. Returns ``(estimates, value, finite)``."""
-  hidden = [config.inputs(batch)]
-  for stage, stage_params in zip(config.stages, params):
-    hidden.append(stage(stage_params, hidden[-1]))
-  local_base = jnp.asarray(config.loss(hidden[-1], batch), jnp.float32)
-  base = config.objective_value(local_base)
+  """One device's step: the forward pass (recorded when changes are
+  propagated), then every stage's queries from its cached input. Returns
+  ``(estimates, value, finite)``."""
+  model = _Forward(config, params, batch)
+  base = config.objective_value(model.value)
+  local = [stages_lib.local_share(coords, leaf.size, config.plan)
+           for leaf, coords in zip(info.leaves, coordinates)]
+  leaf_changes = []
+  for stage in sorted({leaf.stage for leaf in info.leaves}):
+    positions = [j for j, leaf in enumerate(info.leaves)
+                 if leaf.stage == stage]
+    leaf_changes += _stage_changes(
+        config, model, stage, [info.leaves[j] for j in positions],
+        [local[j] for j in positions])
   estimates, totals = [], []
-  for leaf, coords in zip(info.leaves, coordinates):
-    local = stages_lib.local_share(coords, leaf.size, config.plan)
-    changes = config.objective_value(_leaf_changes(
-        config, params, hidden, batch, local_base, leaf, local))
+  for leaf, coords, local_changes in zip(info.leaves, local, leaf_changes):
+    changes = config.objective_value(local_changes)
     values = base + changes
-    valid = local < leaf.size
+    valid = coords < leaf.size
     if config.difference == 'forward':
       c = changes[:, 0] / config.sigma
     else:
       c = (changes[:, 0] - changes[:, 1]) / (2 * config.sigma)
     c = jnp.where(valid, c, 0.0)
-    flat = jnp.zeros(leaf.size, jnp.float32).at[local].add(c, mode='drop')
+    flat = jnp.zeros(leaf.size, jnp.float32).at[coords].add(c, mode='drop')
     estimates.append(flat.reshape(leaf.shape))
     totals.append(jnp.stack([
         jnp.sum(jnp.where(valid[:, None], values, 0.0)),
@@ -260,47 +277,140 @@ def _estimate(config: _Config, info, batch, params, coordinates):
   return estimates, total_value / (2 * info.num_coordinates), finite
 
 
-def _leaf_changes(config: _Config, params, hidden, batch, base,
-                  leaf: stages_lib.Leaf, coordinates: jax.Array) -> jax.Array:
-  """Objective changes ``f(θ + s e_j) - f(θ)``, shape ``(len(coordinates),
-  len(steps))``, of one leaf's queries, each from the cached input of the
-  leaf's stage: the perturbed value minus ``base`` (= f(θ) on this device's
-  batch), or with ``difference_precision`` the change propagated by
-  :func:`zojax._src.estimators.difference.propagate`."""
-  stages = config.stages
-  stage_leaves, treedef = jax.tree.flatten(params[leaf.stage])
-  original = stage_leaves[leaf.index]
-  step_sizes = jnp.asarray(
+class _Forward:
+  """The unperturbed forward pass on this device's batch: each stage's input
+  ``hidden[l]`` and the loss ``value``; with ``difference_precision``, each
+  stage and the loss as a :class:`~zojax._src.estimators.difference.Recording`
+  (every intermediate value kept), so that the queries only repeat the
+  operations on changes."""
+
+  def __init__(self, config: _Config, params, batch):
+    self.config, self.params, self.batch = config, params, batch
+    self.hidden = [config.inputs(batch)]
+    self.recordings = []
+    loss = lambda h: jnp.asarray(config.loss(h, batch), jnp.float32)
+    if config.difference_precision is None:
+      for stage, stage_params in zip(config.stages, params):
+        self.hidden.append(stage(stage_params, self.hidden[-1]))
+      self.value = loss(self.hidden[-1])
+      return
+    for stage, stage_params in zip(config.stages, params):
+      self.recordings.append(
+          difference.Recording(stage, (stage_params, self.hidden[-1])))
+      self.hidden.append(self.recordings[-1].value)
+    self.loss = difference.Recording(loss, (self.hidden[-1],))
+    self.value = self.loss.value
+
+  def output(self, stage: int, stage_params):
+    """Stage ``stage``'s output from its cached input, with ``stage_params``."""
+    return self.config.stages[stage](stage_params, self.hidden[stage])
+
+  def value_above(self, stage: int, h) -> jax.Array:
+    """The loss from stage ``stage``'s output ``h``."""
+    for later in range(stage + 1, len(self.config.stages)):
+      h = self.config.stages[later](self.params[later], h)
+    return jnp.asarray(self.config.loss(h, self.batch), jnp.float32)
+
+  def change_of_output(self, stage: int, index: int, delta):
+    """The change of stage ``stage``'s output when its flat parameter leaf
+    ``index`` changes by ``delta``."""
+    recording = self.recordings[stage]
+    deltas = [None] * recording.num_inputs
+    deltas[index] = delta
+    return difference.changes(recording, deltas,
+                              self.config.difference_precision)
+
+  def change_above(self, stage: int, change) -> jax.Array:
+    """The loss's change when stage ``stage``'s output changes by ``change``."""
+    precision = self.config.difference_precision
+    for later in range(stage + 1, len(self.config.stages)):
+      recording = self.recordings[later]
+      num_params = recording.num_inputs - len(jax.tree.leaves(change))
+      change = difference.changes(
+          recording, [None] * num_params + jax.tree.leaves(change), precision)
+    return difference.changes(self.loss, jax.tree.leaves(change), precision)
+
+
+def _stage_changes(config: _Config, model: _Forward, stage: int,
+                   leaves: list, coordinates: list) -> list:
+  """Objective changes ``f(θ + s e_j) - f(θ)`` of the queries of one stage's
+  leaves, one ``(len(coordinates[i]), len(steps))`` array per leaf.
+
+  A query has two parts: its *entry*, the stage's output with the coordinate
+  perturbed, from the stage's cached input (with ``difference_precision``:
+  the change of that output, propagated from the recorded stage), and its
+  *finish*, the stages above and the loss applied to the entry, minus f(θ)
+  on this device's batch (or the change propagated through them). The
+  stage's queries (all its leaves', concatenated) are evaluated in equal
+  chunks of at most ``batch_size``
+  (:func:`zojax._src.estimators.stages.chunk_layout`): a chunk's entries come
+  from the ``lax.switch`` branch of its composition (which leaves, how many
+  queries of each), its finish from one body shared by the whole stage, so
+  the program holds the stages above once per stage rather than once per
+  leaf.
+  """
+  stage_leaves, treedef = jax.tree.flatten(model.params[stage])
+  steps = jnp.asarray(
       [config.sigma] if config.difference == 'forward' else
       [config.sigma, -config.sigma], jnp.float32)
 
-  def objective(leaf_value):
-    leaves = list(stage_leaves)
-    leaves[leaf.index] = leaf_value
-    h = stages[leaf.stage](jax.tree.unflatten(treedef, leaves),
-                           hidden[leaf.stage])
-    for stage in range(leaf.stage + 1, len(stages)):
-      h = stages[stage](params[stage], h)
-    return jnp.asarray(config.loss(h, batch), jnp.float32)
-
-  step_value = lambda s: s.astype(original.dtype)
   if config.difference_precision is None:
 
-    def change(coordinate, step_size):
-      perturbed = jnp.ravel(original).at[coordinate].add(
-          step_value(step_size), mode='drop').reshape(leaf.shape)
-      return objective(perturbed) - base
+    def entry(leaf, coordinate, step):
+      original = stage_leaves[leaf.index]
+      values = list(stage_leaves)
+      values[leaf.index] = jnp.ravel(original).at[coordinate].add(
+          step.astype(original.dtype), mode='drop').reshape(leaf.shape)
+      return model.output(stage, jax.tree.unflatten(treedef, values))
+
+    def finish(output):
+      return model.value_above(stage, output) - model.value
   else:
 
-    def change(coordinate, step_size):
-      delta = OneHot(coordinate, step_value(step_size), leaf.shape,
-                     original.dtype)
-      return propagate(objective, (original,), (delta,),
-                       config.difference_precision)[1]
+    def entry(leaf, coordinate, step):
+      original = stage_leaves[leaf.index]
+      return model.change_of_output(stage, leaf.index, OneHot(
+          coordinate, step.astype(original.dtype), leaf.shape,
+          original.dtype))
 
-  def changes_at(coordinate):
-    return jax.vmap(lambda s: change(coordinate, s))(step_sizes)
+    def finish(change):
+      return model.change_above(stage, change)
 
-  if config.batch_size is None:
-    return jax.vmap(changes_at)(coordinates)
-  return jax.lax.map(changes_at, coordinates, batch_size=config.batch_size)
+  counts = [int(c.shape[0]) for c in coordinates]
+  width, kinds, compositions = stages_lib.chunk_layout(counts,
+                                                       config.batch_size)
+  if width == 0:
+    return [jnp.zeros((0, steps.shape[0]), jnp.float32) for _ in leaves]
+
+  def entries_of(composition):
+    def entries(chunk):
+      parts, start = [], 0
+      for position, length in composition:
+        leaf = leaves[position]
+        parts.append(jax.vmap(lambda c, leaf=leaf: jax.vmap(
+            lambda s: entry(leaf, c, s))(steps))(chunk[start:start + length]))
+        start += length
+      return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+    return entries
+
+  branches = [entries_of(c) for c in compositions]
+  finish_chunk = jax.vmap(jax.vmap(finish))
+
+  def chunk_changes(kind, chunk):
+    if len(branches) == 1:
+      return finish_chunk(branches[0](chunk))
+    return finish_chunk(jax.lax.switch(kind, branches, chunk))
+
+  pad = kinds.size * width - sum(counts)
+  chunks = jnp.concatenate(
+      list(coordinates) + [jnp.full((pad,), leaves[-1].size, jnp.int32)]
+  ).reshape(kinds.size, width)
+  if kinds.size == 1:
+    changes = chunk_changes(0, chunks[0])
+  else:
+    changes = jax.lax.map(lambda args: chunk_changes(*args),
+                          (jnp.asarray(kinds), chunks))
+  changes = changes.reshape(-1, steps.shape[0])
+  offsets = np.cumsum([0] + counts)
+  return [changes[start:stop] for start, stop in zip(offsets[:-1],
+                                                     offsets[1:])]

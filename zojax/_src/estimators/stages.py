@@ -8,6 +8,7 @@ builds one from Flax modules).
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -121,6 +122,33 @@ def local_share(coordinates: jax.Array, size: int,
   per_device = coordinates.shape[0] // plan.query_devices
   first = jax.lax.axis_index(plan.query_axis) * per_device
   return jax.lax.dynamic_slice_in_dim(coordinates, first, per_device)
+
+
+def chunk_layout(counts: Sequence[int], batch_size: Optional[int]
+                 ) -> tuple[int, np.ndarray, list]:
+  """Equal chunks of a stage's queries (its leaves' queries concatenated).
+
+  ``ceil(total / batch_size)`` chunks (one if ``batch_size`` is None) of
+  ``width = ceil(total / chunks)`` queries each, the last padded (pads belong
+  to the last leaf). Returns ``(width, kinds, compositions)``: chunk ``c``
+  holds the segments ``compositions[kinds[c]]``, ``(leaf position, length)``
+  in order; chunks of the same composition share one kind.
+  """
+  total = int(sum(counts))
+  if total == 0:
+    return 0, np.zeros(0, np.int32), []
+  num_chunks = 1 if batch_size is None else -(-total // batch_size)
+  width = -(-total // num_chunks)
+  owners = np.repeat(np.arange(len(counts)), counts)
+  owners = np.concatenate(
+      [owners, np.full(num_chunks * width - total, len(counts) - 1)])
+  kinds_of: dict[tuple, int] = {}
+  kinds = []
+  for chunk in owners.reshape(num_chunks, width):
+    composition = tuple((int(position), len(list(group)))
+                        for position, group in itertools.groupby(chunk))
+    kinds.append(kinds_of.setdefault(composition, len(kinds_of)))
+  return width, np.asarray(kinds, np.int32), list(kinds_of)
 
 
 def apply_stages(stages: Sequence[Stage], params: Sequence[Any],
