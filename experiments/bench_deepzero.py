@@ -25,7 +25,9 @@ For each: compile time, the minimum step time over ``--repeats``, FLOPs and
 bytes accessed per step (XLA's cost analysis of the same step without
 chunking, which it cannot count through loops), and the estimate's quality:
 cosine with the autodiff gradient on the masked coordinates and relative
-error against the ``reuse`` (float32) estimate.
+error against the ``reuse`` (float32) estimate. ``--cost-only`` prints the
+FLOPs and bytes and the size of the chunked step's program (StableHLO lines)
+without compiling or running anything.
 
   python experiments/bench_deepzero.py                # the full setting
   python experiments/bench_deepzero.py --quick        # ResNet-8, CPU-sized
@@ -38,6 +40,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -115,6 +118,12 @@ def step_cost(method, stages, params, batch, loss, mask) -> dict:
   return lowered.cost_analysis() or {}
 
 
+def program_lines(method, stages, params, batch, loss, mask, chunk) -> int:
+  """Size of the jitted (chunked) step as lowered: its StableHLO lines."""
+  return jax.jit(make_step(method, stages, loss, mask, chunk)).lower(
+      params, batch).as_text().count('\n')
+
+
 def measure(method, stages, params, batch, loss, mask, chunk, repeats,
             profile_top=0):
   precision = METHODS[method][0]
@@ -148,9 +157,11 @@ def profile(call, top: int) -> dict:
   jax.profiler.start_trace(trace_dir)
   jax.block_until_ready(call())
   jax.profiler.stop_trace()
-  return profile_step.kernel_table(
+  table = profile_step.kernel_table(
       trace_dir, 1, top,
       '/host:CPU' if jax.default_backend() == 'cpu' else '/device:')
+  shutil.rmtree(trace_dir)
+  return table
 
 
 def main(argv=None):
@@ -181,8 +192,11 @@ def main(argv=None):
     for method in args.methods:
       with jax.default_matmul_precision(METHODS[method][0]):
         cost = step_cost(method, stages, params, batch, loss, mask)
+        lines = program_lines(method, stages, params, batch, loss, mask,
+                              args.chunk)
       print(f'{method:<12} {cost.get("flops", np.nan) / 1e12:8.2f} TFLOP '
-            f'{cost.get("bytes accessed", np.nan) / 1e9:8.1f} GB per step')
+            f'{cost.get("bytes accessed", np.nan) / 1e9:8.1f} GB per step, '
+            f'program {lines} StableHLO lines', flush=True)
     return
   num_coords = int(sum(np.sum(np.broadcast_to(m, np.shape(x))) for m, x in
                        zip(jax.tree.leaves(mask), jax.tree.leaves(params))))

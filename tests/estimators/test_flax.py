@@ -6,6 +6,7 @@ same objective; only the cost differs.
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl.testing import parameterized
@@ -127,6 +128,28 @@ class FeatureReuseCGETest(chex.TestCase, parameterized.TestCase):
     np.testing.assert_allclose(_flat(got), _flat(want), atol=1e-3 * scale)
     self.assertEqual(zojax.estimate_info(split_state).num_evals,
                      zojax.estimate_info(state).num_evals)
+
+  @parameterized.parameters(None, 'highest')
+  def test_stage_output_with_a_mask_that_the_params_change(self,
+                                                          difference_precision):
+    # stage 1 passes on a boolean mask of its output; a coordinate that
+    # flips an entry of the mask must change what stage 2 computes
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 4))
+    stages = (lambda p, h: (h @ p['w'], h @ p['w'] > 0.0),
+              lambda p, h: jnp.where(h[1], h[0], 0.0) @ p)
+    loss = lambda h, b: jnp.mean(h ** 2)
+    params = ({'w': jax.random.normal(jax.random.PRNGKey(1), (4, 3)) * 1e-2},
+              jnp.full((3, 2), 0.5))
+    tx = zflax.feature_reuse_cge(stages, loss, 1e-2,
+                                 difference_precision=difference_precision)
+    got, _ = jax.jit(lambda p: tx.update(None, tx.init(p), p,
+                                         batch=(x, None)))(params)
+    objective = lambda p, b: loss(zflax.apply_stages(stages, p, b[0]), b)
+    plain = zojax.cge(1e-2)
+    want, _ = plain.update(None, plain.init(params), params,
+                           obj_fn=objective, batch=(x, None))
+    scale = np.abs(_flat(want)).max()
+    np.testing.assert_allclose(_flat(got), _flat(want), atol=1e-4 * scale)
 
   def test_trains_in_an_optax_chain(self):
     stages, loss, objective, params, batch = _problem()

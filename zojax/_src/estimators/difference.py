@@ -61,14 +61,17 @@ def propagate(fn: Callable[..., Any], args: tuple, deltas: tuple,
   Args:
     fn: a function of arrays (pytrees allowed) returning float arrays.
     args: the point :math:`x` (a tuple of fn's arguments).
-    deltas: the changes, like ``args``; ``None`` for an unchanged argument.
+    deltas: the changes, like ``args``; ``None`` for an unchanged argument
+      (for a non-float argument: its changed value).
     precision: of the linear and bilinear operations on differences:
       ``'highest'`` (float32), ``'default'`` (the backend's default: TF32 on
       recent NVIDIA GPUs) or ``'bfloat16'`` (operands cast to bfloat16,
       float32 accumulation). Operations on unchanged values keep fn's own.
 
   Returns:
-    ``(value, difference)``, pytrees like ``fn``'s output.
+    ``(value, difference)``, pytrees like ``fn``'s output (for a non-float
+    output, the difference entry is its changed value, as in
+    :func:`changes`).
   """
   check_precision(precision)
   if len(deltas) != len(args):
@@ -104,10 +107,10 @@ class Recording:
   """
 
   def __init__(self, fn: Callable[..., Any], args: tuple):
-    closed = jax.make_jaxpr(fn)(*args)
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     self.jaxpr = closed.jaxpr
     self.num_inputs = len(self.jaxpr.invars)
-    self.out_tree = jax.tree.structure(jax.eval_shape(fn, *args))
+    self.out_tree = jax.tree.structure(out_shape)
     self.values = _record(self.jaxpr, closed.consts, jax.tree.leaves(args))
     self.value = jax.tree.unflatten(
         self.out_tree, [_read(self.values, v) for v in self.jaxpr.outvars])
@@ -116,20 +119,31 @@ class Recording:
 def changes(recorded: Recording, flat_deltas, precision: str = 'highest'):
   """``fn(x + δ) - fn(x)`` of a recorded ``fn``, a pytree like its output.
 
-  ``flat_deltas`` has one entry per flat input of ``fn``: an array (or
-  :class:`OneHot`) shaped like it, or ``None`` for an unchanged input.
+  ``flat_deltas`` has one entry per flat input of ``fn``: ``None`` for an
+  unchanged input; for a float input its change (an array, or
+  :class:`OneHot`); for a non-float input (a mask, indices) its changed
+  value. The output follows the same convention (float outputs: their
+  change; non-float outputs: their changed value), so the output of one
+  recorded stage can be fed as the change of the next one's input.
   """
   check_precision(precision)
   flat_deltas = list(flat_deltas)
   if len(flat_deltas) != recorded.num_inputs:
     raise ValueError(f'{len(flat_deltas)} deltas for '
                      f'{recorded.num_inputs} flat inputs.')
+  inputs = [_read(recorded.values, v) for v in recorded.jaxpr.invars]
+  flat_deltas = [d if d is None or _is_float(x) else _Changed(d)
+                 for x, d in zip(inputs, flat_deltas)]
   outs = _evaluate(recorded.jaxpr, recorded.values, flat_deltas, precision)
-  values = jax.tree.leaves(recorded.value)
-  differences = [_difference(v, d) for v, d in zip(values, outs)]
-  differences = [jnp.zeros_like(v) if d is None else d
-                 for v, d in zip(values, differences)]
-  return jax.tree.unflatten(recorded.out_tree, differences)
+  result = []
+  for value, change in zip(jax.tree.leaves(recorded.value), outs):
+    if not _is_float(value):
+      result.append(value if change is None else _changed_value(value,
+                                                                 change))
+    else:
+      result.append(jnp.zeros_like(value) if change is None else
+                    _difference(value, change))
+  return jax.tree.unflatten(recorded.out_tree, result)
 
 
 def _is_float(x) -> bool:

@@ -97,9 +97,9 @@ def feature_reuse_cge(
   trace it under ``jax.default_matmul_precision('highest')``, since TF32
   rounding swamps forward differences at small ``sigma``. On one H100,
   ResNet-20, 28,217 coordinates, batch 256 (``experiments/bench_deepzero.py``):
-  2.4 s per step by default, 7.0 s subtracting in float32, both with
-  cosine 0.9999 to the true gradient; subtracting in TF32 takes 2.3 s but
-  its cosine falls to 0.96-0.98.
+  2.4 s per step by default with cosine 0.9999 to the true gradient. An
+  earlier version (one program body per leaf) took 7.0 s subtracting in
+  float32 (cosine 0.9999) and 2.3 s subtracting in TF32 (cosine 0.96-0.98).
 
   Memory: a step holds one chunk's ``(queries x batch)`` activations and,
   propagating changes, the recorded forward pass (every intermediate value
@@ -127,7 +127,7 @@ def feature_reuse_cge(
       ``batch_size``; ``None``: each stage's queries at once.
     difference_precision: ``'default'``, ``'highest'`` or ``'bfloat16'``:
       each query propagates its change of the activations through the
-      layers above (``zojax._src.difference``: linear and bilinear
+      layers above (``zojax._src.estimators.difference``: linear and bilinear
       operations act on the change, everything else is evaluated at the
       changed and unchanged values and subtracted), with the matmuls and
       convolutions on changes at the backend's default precision, float32,
