@@ -40,8 +40,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 
 import jax
@@ -138,7 +136,8 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats,
       jax.block_until_ready(step(params, batch))
       times.append(time.perf_counter() - start)
     cost = step_cost(method, stages, params, batch, loss, mask)
-    kernels = (profile(lambda: step(params, batch), profile_top)
+    kernels = (profile_step.traced_kernels(lambda: step(params, batch), 1,
+                                           profile_top)
                if profile_top else None)
   return estimate, {
       'method': method,
@@ -148,20 +147,6 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats,
       'flops': float(cost.get('flops', float('nan'))),
       'bytes': float(cost.get('bytes accessed', float('nan'))),
       'kernels': kernels}
-
-
-def profile(call, top: int) -> dict:
-  """The device kernels of one ``call`` summed by name
-  (:func:`profile_step.kernel_table`; on a CPU, the host's threads)."""
-  trace_dir = tempfile.mkdtemp()
-  jax.profiler.start_trace(trace_dir)
-  jax.block_until_ready(call())
-  jax.profiler.stop_trace()
-  table = profile_step.kernel_table(
-      trace_dir, 1, top,
-      '/host:CPU' if jax.default_backend() == 'cpu' else '/device:')
-  shutil.rmtree(trace_dir)
-  return table
 
 
 def main(argv=None):

@@ -19,8 +19,10 @@ import collections
 import glob
 import json
 import os
+import shutil
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 
@@ -60,6 +62,21 @@ def kernel_table(trace_dir: str, calls: int, top: int,
   return table
 
 
+def traced_kernels(call: Callable[[], Any], calls: int, top: int) -> dict:
+  """:func:`kernel_table` of a ``jax.profiler`` trace of ``calls`` calls of
+  ``call`` (the accelerators' lines; on a CPU, the host's threads)."""
+  trace_dir = tempfile.mkdtemp()
+  jax.profiler.start_trace(trace_dir)
+  for _ in range(calls):
+    jax.block_until_ready(call())
+  jax.profiler.stop_trace()
+  table = kernel_table(trace_dir, calls, top,
+                       '/host:CPU' if jax.default_backend() == 'cpu' else
+                       '/device:')
+  shutil.rmtree(trace_dir)
+  return table
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--method', default='mezo',
@@ -76,18 +93,16 @@ def main(argv=None):
                                           args.method, args)
   params, state, value = call(params, state)  # compiles
   jax.block_until_ready(value)
-  trace_dir = tempfile.mkdtemp()
+  carry = [params, state]
+
+  def one_call():
+    carry[0], carry[1], value = call(*carry)
+    return value
+
   start = time.perf_counter()
-  jax.profiler.start_trace(trace_dir)
-  for _ in range(args.calls):
-    params, state, value = call(params, state)
-    jax.block_until_ready(value)
-  jax.profiler.stop_trace()
+  table = traced_kernels(one_call, args.calls, args.top)
   print(f'{args.method}: {(time.perf_counter() - start) / args.calls * 1e3:.1f}'
         ' ms per call while tracing')
-  table = kernel_table(trace_dir, args.calls, args.top,
-                       '/host:CPU' if jax.default_backend() == 'cpu' else
-                       '/device:')
   for line, row in table.items():
     print(f'\n{line}: {row["total_ms_per_call"]:.2f} ms busy of '
           f'{row["span_ms_per_call"]:.2f} ms spanned per call, '

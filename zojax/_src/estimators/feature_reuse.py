@@ -285,21 +285,21 @@ class _Forward:
   operations on changes."""
 
   def __init__(self, config: _Config, params, batch):
-    self.config, self.params, self.batch = config, params, batch
+    self.config, self.params = config, params
     self.hidden = [config.inputs(batch)]
     self.recordings = []
-    loss = lambda h: jnp.asarray(config.loss(h, batch), jnp.float32)
+    self.loss = lambda h: jnp.asarray(config.loss(h, batch), jnp.float32)
     if config.difference_precision is None:
       for stage, stage_params in zip(config.stages, params):
         self.hidden.append(stage(stage_params, self.hidden[-1]))
-      self.value = loss(self.hidden[-1])
+      self.value = self.loss(self.hidden[-1])
       return
     for stage, stage_params in zip(config.stages, params):
       self.recordings.append(
           difference.Recording(stage, (stage_params, self.hidden[-1])))
       self.hidden.append(self.recordings[-1].value)
-    self.loss = difference.Recording(loss, (self.hidden[-1],))
-    self.value = self.loss.value
+    self.recorded_loss = difference.Recording(self.loss, (self.hidden[-1],))
+    self.value = self.recorded_loss.value
 
   def output(self, stage: int, stage_params):
     """Stage ``stage``'s output from its cached input, with ``stage_params``."""
@@ -307,9 +307,8 @@ class _Forward:
 
   def value_above(self, stage: int, h) -> jax.Array:
     """The loss from stage ``stage``'s output ``h``."""
-    for later in range(stage + 1, len(self.config.stages)):
-      h = self.config.stages[later](self.params[later], h)
-    return jnp.asarray(self.config.loss(h, self.batch), jnp.float32)
+    return self.loss(apply_stages(self.config.stages[stage + 1:],
+                                  self.params[stage + 1:], h))
 
   def change_of_output(self, stage: int, index: int, delta):
     """The change of stage ``stage``'s output when its flat parameter leaf
@@ -328,7 +327,8 @@ class _Forward:
       num_params = recording.num_inputs - len(jax.tree.leaves(change))
       change = difference.changes(
           recording, [None] * num_params + jax.tree.leaves(change), precision)
-    return difference.changes(self.loss, jax.tree.leaves(change), precision)
+    return difference.changes(self.recorded_loss, jax.tree.leaves(change),
+                              precision)
 
 
 def _stage_changes(config: _Config, model: _Forward, stage: int,
