@@ -21,7 +21,8 @@ coordinates), forward differences, sigma = 5e-3. Methods:
   matmuls/convolutions on changes in float32, TF32 (the GPU's default) or
   bfloat16, everything else in float32.
 
-For each: compile time, the minimum step time over ``--repeats``, FLOPs and
+For each: compile time (the first call minus a step, split into trace,
+lowering, XLA's compile and the first execution), the minimum step time over ``--repeats``, FLOPs and
 bytes accessed per step (XLA's cost analysis of the same step without
 chunking, which it cannot count through loops), and the estimate's quality:
 cosine with the autodiff gradient on the masked coordinates and relative
@@ -127,9 +128,16 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats,
   precision = METHODS[method][0]
   with jax.default_matmul_precision(precision):
     step = jax.jit(make_step(method, stages, loss, mask, chunk))
-    start = time.perf_counter()
+    marks = [time.perf_counter()]
+    traced = step.trace(params, batch)
+    marks.append(time.perf_counter())
+    lowered = traced.lower()
+    marks.append(time.perf_counter())
+    lowered.compile()
+    marks.append(time.perf_counter())
     estimate = jax.block_until_ready(step(params, batch))
-    compile_s = time.perf_counter() - start
+    marks.append(time.perf_counter())
+    compile_s = marks[-1] - marks[0]
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
@@ -144,6 +152,11 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats,
       'precision': (precision or 'default') + (
           f'/{METHODS[method][1]}' if METHODS[method][1] else ''),
       'compile_s': compile_s - min(times), 'step_s': min(times),
+      # where the first call's time goes: trace, lower, XLA's compile, and
+      # the first execution minus a step (loading the executable)
+      'compile_parts_s': dict(zip(
+          ('trace', 'lower', 'compile', 'first_run'),
+          np.diff(marks).tolist()[:3] + [marks[4] - marks[3] - min(times)])),
       'flops': float(cost.get('flops', float('nan'))),
       'bytes': float(cost.get('bytes accessed', float('nan'))),
       'kernels': kernels}
@@ -232,6 +245,9 @@ def main(argv=None):
           f'{row["flops"] / 1e12:7.2f} {row["bytes"] / 1e9:7.1f} '
           f'{row["cosine_to_autodiff"]:9.4f} '
           f'{"-" if rel is None else f"{rel:.2e}":>8}', flush=True)
+    print('  first call: ' + ', '.join(
+        f'{part} {seconds:.1f} s'
+        for part, seconds in row['compile_parts_s'].items()), flush=True)
     for line, kernels in (row['kernels'] or {}).items():
       print(f'  {line}: {kernels["total_ms_per_call"]:.1f} ms busy of '
             f'{kernels["span_ms_per_call"]:.1f} ms spanned, '
