@@ -22,11 +22,11 @@ coordinates), forward differences, sigma = 5e-3. Methods:
   bfloat16, everything else in float32.
 
 For each: compile time (the first call minus a step, split into trace,
-lowering, XLA's compile and the first execution), the minimum step time over ``--repeats``, FLOPs and
-bytes accessed per step (XLA's cost analysis of the same step without
-chunking, which it cannot count through loops), and the estimate's quality:
-cosine with the autodiff gradient on the masked coordinates and relative
-error against the ``reuse`` (float32) estimate. ``--cost-only`` prints the
+lowering, XLA's compile and the first execution), the minimum step time over
+``--repeats``, FLOPs and bytes accessed per step (XLA's cost analysis of the
+same step without chunking, which it cannot count through loops), and the
+estimate's quality: cosine with the autodiff gradient on the masked
+coordinates and relative error against the ``reuse`` (float32) estimate. ``--cost-only`` prints the
 FLOPs and bytes and the size of the chunked step's program (StableHLO lines)
 without compiling or running anything.
 
@@ -135,6 +135,7 @@ def measure(method, stages, params, batch, loss, mask, chunk, repeats,
     marks.append(time.perf_counter())
     lowered.compile()
     marks.append(time.perf_counter())
+    # jit's caches hold what was just traced and compiled: this call runs it
     estimate = jax.block_until_ready(step(params, batch))
     marks.append(time.perf_counter())
     compile_s = marks[-1] - marks[0]
