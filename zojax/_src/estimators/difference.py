@@ -138,8 +138,7 @@ def changes(recorded: Recording, flat_deltas, precision: str = 'highest'):
   result = []
   for value, change in zip(jax.tree.leaves(recorded.value), outs):
     if not _is_float(value):
-      result.append(value if change is None else _changed_value(value,
-                                                                 change))
+      result.append(_changed_value(value, change))
     else:
       result.append(jnp.zeros_like(value) if change is None else
                     _difference(value, change))

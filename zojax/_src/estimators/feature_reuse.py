@@ -396,9 +396,7 @@ def _stage_changes(config: _Config, model: _Forward, stage: int,
   branches = [entries_of(c) for c in compositions]
   finish_chunk = jax.vmap(jax.vmap(finish))
 
-  def chunk_changes(kind, chunk):
-    if len(branches) == 1:
-      return finish_chunk(branches[0](chunk))
+  def chunk_changes(kind, chunk):  # (one branch: switch calls it directly)
     return finish_chunk(jax.lax.switch(kind, branches, chunk))
 
   pad = kinds.size * width - sum(counts)
