@@ -13,9 +13,11 @@ block (``--block`` entries, a ``fori_loop`` of ``dynamic_update_slice`` as in
   (the hash's cost);
 * ``erfinv_only``: ``sqrt(2) erfinv`` of the position's bits (no hash: the
   transform's cost);
-* ``zojax``: ``zojax``'s generator: one Threefry word per normal (both
-  words of a call used), 23 bits through ``sqrt(2) erfinv``
-  (``jax.random.normal``'s construction);
+* ``zojax``: ``zojax``'s generator: one Threefry word per normal (word
+  ``w`` is output ``w % 2`` of the call on counter ``w // 2``; on
+  accelerators each word makes its own call, so that the draw is one
+  fusion), 23 bits through ``sqrt(2) erfinv`` (``jax.random.normal``'s
+  construction);
 * ``threefry16_erfinv``: one word per two normals, 16 bits each through
   ``sqrt(2) erfinv`` (half the Threefry calls);
 * ``threefry16_boxmuller``: one word per two normals, Box-Muller on its two

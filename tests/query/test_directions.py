@@ -1,5 +1,7 @@
 """Tests for the one direction generator (zojax._src.query.directions)."""
 
+from unittest import mock
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,7 @@ import numpy as np
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from zojax._src.core import backend
 from zojax._src.core import keys
 from zojax._src.query import directions
 
@@ -50,6 +53,32 @@ class GeneratorTest(parameterized.TestCase):
     scalar = directions.leaf_normal(KEY, ())
     chex.assert_shape(scalar, ())
     np.testing.assert_array_equal(scalar, vector[0])  # entry (0, 0)
+
+  def test_accelerators_compute_the_same_words(self):
+    # one Threefry call per word (accelerators) or per pair (CPU): the same
+    # stream, for odd and even, static and traced starts and any rows
+    rows = jnp.arange(6, dtype=jnp.uint32).reshape(2, 3)
+    for start in (0, 1, 2, 7):
+      for count in (1, 2, 5, 33):
+        by_pair = directions.words_by_pair(KEY, rows, start, count)
+        chex.assert_shape(by_pair, (2, 3, count))
+        np.testing.assert_array_equal(
+            directions.words_by_entry(KEY, rows, start, count), by_pair)
+        traced = jax.jit(lambda s, count=count: directions.words_by_entry(
+            KEY, jnp.uint32(4), s, count))(start)
+        np.testing.assert_array_equal(
+            traced, directions.words_by_pair(KEY, jnp.uint32(4), start,
+                                             count))
+    on_cpu = (directions.leaf_normal(KEY, (3, 5, 7)),
+              directions.packed_signs(KEY, (3, 70)),
+              jax.jit(lambda s: directions.block_normal(
+                  KEY, (3, 5, 7), (1, 3), s, 3, jnp.float32))(1))
+    with mock.patch.object(backend, 'on_accelerator', lambda: True):
+      on_accelerator = (directions.leaf_normal(KEY, (3, 5, 7)),
+                        directions.packed_signs(KEY, (3, 70)),
+                        jax.jit(lambda s: directions.block_normal(
+                            KEY, (3, 5, 7), (1, 3), s, 3, jnp.float32))(1))
+    chex.assert_trees_all_equal(on_accelerator, on_cpu)
 
   def test_every_entry_is_its_own_draw_and_keys_differ(self):
     # both output words of every Threefry call are used: 4096 distinct words

@@ -68,6 +68,17 @@ def words(key: jax.Array, rows, start, count: int, *,
           start_is_even: bool = False) -> jax.Array:
   """Words :math:`W(r, w)` for ``w`` in ``[start, start + count)``.
 
+  Two computations of the same words, chosen by the backend. On a CPU, where
+  hashing is the cost (the draw is not fused), one Threefry call per pair of
+  words, its two outputs interleaved. On an accelerator, every word hashes
+  its own counter ``w // 2`` and keeps output ``w % 2``. That is twice the
+  Threefry rounds, but it is elementwise, so XLA fuses the whole draw, hash
+  and transform, into one kernel instead of writing the words to memory
+  between several. One H100, ``experiments/bench_generator.py``: drawing and
+  adding 2^30 normals takes 7.4 ms instead of 8.8 ms; a MeZO step on a 1.07B
+  decoder takes 47 ms instead of 52 ms. On the 2-core CPU the per-word
+  computation would take 13 ns per normal instead of 6.
+
   Args:
     key: the leaf key (raw ``uint32[2]``).
     rows: row indices, any integer array (the output has its shape
@@ -75,18 +86,26 @@ def words(key: jax.Array, rows, start, count: int, *,
     start: first word index (an int, or a traced int scalar).
     count: number of words (static).
     start_is_even: the caller knows that a traced ``start`` is even (a
-      block of whole table rows of even length): the words are then the
-      outputs of whole Threefry calls, with no shift by a traced offset,
-      which lets XLA fuse the draw into its consumer.
+      block of whole table rows of even length): on a CPU the words are
+      then the outputs of whole Threefry calls, with no shift by a traced
+      offset.
   """
   rows = jnp.asarray(rows, jnp.uint32)
+  key = jnp.asarray(key, jnp.uint32)
+  if backend.on_accelerator():
+    return words_by_entry(key, rows, start, count)
+  return words_by_pair(key, rows, start, count, start_is_even=start_is_even)
+
+
+def words_by_pair(key: jax.Array, rows: jax.Array, start, count: int, *,
+                  start_is_even: bool = False) -> jax.Array:
+  """:func:`words` from one Threefry call per pair of words (the CPU's)."""
   even_start = start_is_even or (isinstance(start, int) and start % 2 == 0)
   pairs = -(-count // 2) if even_start else count // 2 + 1
   first = jnp.asarray(start, jnp.uint32) >> 1
   counters = first + jnp.arange(pairs, dtype=jnp.uint32)
   high = jnp.broadcast_to(rows[..., None], rows.shape + (pairs,))
   low = jnp.broadcast_to(counters, high.shape)
-  key = jnp.asarray(key, jnp.uint32)
   out0, out1 = random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
   stream = jnp.stack([out0, out1], axis=-1).reshape(rows.shape + (2 * pairs,))
   if even_start:
@@ -94,6 +113,17 @@ def words(key: jax.Array, rows, start, count: int, *,
   offset = jnp.asarray(start, jnp.int32) % 2
   return jax.lax.dynamic_slice_in_dim(stream, offset, count,
                                       axis=stream.ndim - 1)
+
+
+def words_by_entry(key: jax.Array, rows: jax.Array, start,
+                   count: int) -> jax.Array:
+  """:func:`words` with one Threefry call per word, keeping output
+  ``w % 2`` of the call on counter ``w // 2`` (the accelerators')."""
+  index = jnp.asarray(start, jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
+  high = jnp.broadcast_to(rows[..., None], rows.shape + (count,))
+  low = jnp.broadcast_to(index >> 1, high.shape)
+  out0, out1 = random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
+  return jnp.where((index & 1) == 1, out1, out0)
 
 
 def normal_from_words(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
