@@ -104,10 +104,8 @@ def words_by_pair(key: jax.Array, rows: jax.Array, start, count: int, *,
   even_start = start_is_even or (isinstance(start, int) and start % 2 == 0)
   pairs = -(-count // 2) if even_start else count // 2 + 1
   first = jnp.asarray(start, jnp.uint32) >> 1
-  counters = first + jnp.arange(pairs, dtype=jnp.uint32)
-  high = jnp.broadcast_to(rows[..., None], rows.shape + (pairs,))
-  low = jnp.broadcast_to(counters, high.shape)
-  out0, out1 = random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
+  out0, out1 = _threefry(key, rows,
+                         first + jnp.arange(pairs, dtype=jnp.uint32))
   stream = jnp.stack([out0, out1], axis=-1).reshape(rows.shape + (2 * pairs,))
   if even_start:
     return stream[..., :count]
@@ -121,10 +119,17 @@ def words_by_entry(key: jax.Array, rows: jax.Array, start,
   """:func:`words` with one Threefry call per word, keeping output
   ``w % 2`` of the call on counter ``w // 2`` (the accelerators')."""
   index = jnp.asarray(start, jnp.uint32) + jnp.arange(count, dtype=jnp.uint32)
-  high = jnp.broadcast_to(rows[..., None], rows.shape + (count,))
-  low = jnp.broadcast_to(index >> 1, high.shape)
-  out0, out1 = random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
+  out0, out1 = _threefry(key, rows, index >> 1)
   return jnp.where((index & 1) == 1, out1, out0)
+
+
+def _threefry(key: jax.Array, rows: jax.Array, counters: jax.Array):
+  """Both outputs of Threefry-2x32 on the counters ``(row, c)`` for every
+  row and every ``c`` of the 1-d ``counters`` (shape ``rows.shape +
+  counters.shape``)."""
+  high = jnp.broadcast_to(rows[..., None], rows.shape + counters.shape)
+  low = jnp.broadcast_to(counters, high.shape)
+  return random_ext.threefry2x32_p.bind(key[0], key[1], high, low)
 
 
 def normal_from_words(bits: jax.Array, dtype=jnp.float32) -> jax.Array:
