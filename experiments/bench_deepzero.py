@@ -249,13 +249,7 @@ def main(argv=None):
     print('  first call: ' + ', '.join(
         f'{part} {seconds:.1f} s'
         for part, seconds in row['compile_parts_s'].items()), flush=True)
-    for line, kernels in (row['kernels'] or {}).items():
-      print(f'  {line}: {kernels["total_ms_per_call"]:.1f} ms busy of '
-            f'{kernels["span_ms_per_call"]:.1f} ms spanned, '
-            f'{kernels["events_per_call"]:.0f} events')
-      for name, ms, share, count in kernels['top']:
-        print(f'    {ms:9.2f} ms {100 * share:5.1f}% x{count:<6.0f} '
-              f'{name[:100]}')
+    profile_step.print_kernels(row['kernels'] or {}, indent='  ')
     with open(out + '.json', 'w') as f:
       json.dump(report, f, indent=1)
   print(f'wrote {harness.shown(out)}.json')

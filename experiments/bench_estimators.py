@@ -21,9 +21,16 @@ function; the runs of an estimator's steps and of its floors are interleaved
   python experiments/bench_estimators.py                 # CPU/GPU table + JSON
   python experiments/bench_estimators.py --prng rbg      # faster random bits
   python experiments/bench_estimators.py --quick         # small smoke run
+  python experiments/bench_estimators.py --cge-coords 0 --queries 32 \
+      --batch-sizes 32 --profile 25   # + where the step's and floor's time go
 
 Also prints the cost of direction generation per number, since on a CPU
 generating N(0, 1) numbers costs more than the forward pass itself.
+``--profile TOP`` then traces each row's fastest step and its floor
+(``jax.profiler``, ``PROFILE_CALLS`` calls each) and prints and stores
+(``kernels`` in the JSON) the TOP kernels of each by time per call: one
+call of the step is the whole step, one call of a ``vmap`` floor one chunk
+(``floor_calls_per_step`` of them make the floor).
 """
 
 from __future__ import annotations
@@ -38,9 +45,13 @@ import jax.numpy as jnp
 
 import zojax
 import harness
+import profile_step
 from harness import time_interleaved
 from zojax import models
 from zojax._src.query import directions
+
+
+PROFILE_CALLS = 20
 
 
 def _time(fn, *args, repeats: int) -> float:
@@ -105,7 +116,14 @@ def generation_ns_per_number(distribution, size=1 << 22, repeats=5):
   return _time(gen, key, repeats=repeats) / size * 1e9
 
 
-def main():
+def kernels_of(call, top: int) -> dict:
+  """The ``top`` kernels of ``PROFILE_CALLS`` calls of ``call = (fn, args)``
+  (:func:`profile_step.traced_kernels`)."""
+  fn, args = call
+  return profile_step.traced_kernels(lambda: fn(*args), PROFILE_CALLS, top)
+
+
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--quick', action='store_true',
                       help='tiny model and few queries (smoke test)')
@@ -120,7 +138,10 @@ def main():
   parser.add_argument('--prng', default=None,
                       choices=['threefry2x32', 'rbg', 'unsafe_rbg'],
                       help='jax_default_prng_impl for the estimators\' keys')
-  args = parser.parse_args()
+  parser.add_argument('--profile', type=int, default=0, metavar='TOP',
+                      help='trace each row\'s fastest step and its floor and '
+                      'print their TOP kernels')
+  args = parser.parse_args(argv)
   if args.prng:
     jax.config.update('jax_default_prng_impl', args.prng)
 
@@ -178,6 +199,15 @@ def main():
     print(f'  {name:<24} ' + '  '.join(
         f'{k} {t*1e3:.1f}' for k, t in sorted(times.items())) +
           f' ms -> {row["ratio"]:.2f}', flush=True)
+    if args.profile:
+      floor_call = f'floor {floor_kind}'
+      row['kernels'] = {
+          'step': kernels_of(calls[f'step {best_chunk}'][:2], args.profile),
+          'floor': kernels_of(calls[floor_call][:2], args.profile),
+          'floor_calls_per_step': calls[floor_call][2]}
+      for part in ('step', 'floor'):
+        print(f'    {part} ({name}):')
+        profile_step.print_kernels(row['kernels'][part], indent='      ')
     rows.append(row)
 
   print('\n| estimator | evals | batch_size | step (ms) | floor (ms) | '

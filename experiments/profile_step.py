@@ -77,6 +77,18 @@ def traced_kernels(call: Callable[[], Any], calls: int, top: int) -> dict:
   return table
 
 
+def print_kernels(table: dict, indent: str = '') -> None:
+  """Prints a :func:`kernel_table`: per line, busy and spanned time per
+  call, then its kernels (ms per call, share, launches per call, name)."""
+  for line, row in table.items():
+    print(f'{indent}{line}: {row["total_ms_per_call"]:.3f} ms busy of '
+          f'{row["span_ms_per_call"]:.3f} ms spanned per call, '
+          f'{row["events_per_call"]:.0f} events')
+    for name, ms, share, count in row['top']:
+      print(f'{indent}  {ms:9.3f} ms  {100 * share:5.1f}%  x{count:<5.0f} '
+            f'{name[:100]}')
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--method', default='mezo',
@@ -103,12 +115,7 @@ def main(argv=None):
   table = traced_kernels(one_call, args.calls, args.top)
   print(f'{args.method}: {(time.perf_counter() - start) / args.calls * 1e3:.1f}'
         ' ms per call while tracing')
-  for line, row in table.items():
-    print(f'\n{line}: {row["total_ms_per_call"]:.2f} ms busy of '
-          f'{row["span_ms_per_call"]:.2f} ms spanned per call, '
-          f'{row["events_per_call"]:.0f} events')
-    for name, ms, share, count in row['top']:
-      print(f'  {ms:8.3f} ms  {100 * share:5.1f}%  x{count:<5.0f} {name[:100]}')
+  print_kernels(table)
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'method': args.method, 'device': jax.devices()[0].device_kind,

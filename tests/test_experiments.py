@@ -46,6 +46,20 @@ def test_bench_deepzero_quick(tmp_path):
   assert row['cosine_to_autodiff'] > 0.99  # feature reuse CGE is CGE
 
 
+def test_bench_estimators_quick_profile(tmp_path):
+  out = tmp_path / 'bench_estimators.json'
+  _load('bench_estimators').main(['--quick', '--repeats', '1', '--profile',
+                                  '3', '--out', str(out)])
+  rows = json.loads(out.read_text())['rows']
+  assert [r['estimator'] for r in rows] == [
+      'RGE q=4 gaussian', 'RGE q=4 rademacher', 'CGE 64 coords']
+  for row in rows:
+    assert row['step_s'] > 0 and row['floor_s'] > 0
+    step, floor = row['kernels']['step'], row['kernels']['floor']
+    assert step and floor  # at least one traced line each
+    assert all(0 < len(line['top']) <= 3 for line in step.values())
+
+
 def test_committed_outputs_hold_no_absolute_machine_paths():
   root = pathlib.Path(__file__).resolve().parents[1]
   pattern = re.compile(r'(?<![\w.])/(?:root|home|work|tmp|Users)/')
