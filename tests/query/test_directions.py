@@ -69,15 +69,16 @@ class GeneratorTest(parameterized.TestCase):
         np.testing.assert_array_equal(
             traced, directions.words_by_pair(KEY, jnp.uint32(4), start,
                                              count))
-    on_cpu = (directions.leaf_normal(KEY, (3, 5, 7)),
+
+    def draws():  # traced afresh on every call (a new jitted lambda)
+      return (directions.leaf_normal(KEY, (3, 5, 7)),
               directions.packed_signs(KEY, (3, 70)),
               jax.jit(lambda s: directions.block_normal(
                   KEY, (3, 5, 7), (1, 3), s, 3, jnp.float32))(1))
+
+    on_cpu = draws()
     with mock.patch.object(backend, 'on_accelerator', lambda: True):
-      on_accelerator = (directions.leaf_normal(KEY, (3, 5, 7)),
-                        directions.packed_signs(KEY, (3, 70)),
-                        jax.jit(lambda s: directions.block_normal(
-                            KEY, (3, 5, 7), (1, 3), s, 3, jnp.float32))(1))
+      on_accelerator = draws()
     chex.assert_trees_all_equal(on_accelerator, on_cpu)
 
   def test_every_entry_is_its_own_draw_and_keys_differ(self):
